@@ -1,0 +1,36 @@
+# The two commands of the README: `make demo` runs the main job on the embedded default, `make test` runs
+# the tests. Both build their own virtual environment on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+# torch first (its pin comes from pyproject.toml), then DeepSpeed without build isolation: DeepSpeed ships
+# only an sdist whose setup imports torch, and an isolated build would fetch a second multi-GB torch.
+pin = $(shell grep -oE '"$(1)==[^"]+"' pyproject.toml | tr -d '"')
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip setuptools wheel
+	$(PYTHON) -m pip install -q $(call pin,torch) $(call pin,torchvision)
+	$(PYTHON) -m pip install -q --no-build-isolation $(call pin,deepspeed)
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	touch $@
+
+.PHONY: help setup test demo lint
+help:
+	@echo "make demo  - run the main job (jobs/demo_cpu.yaml) on the embedded synthetic dataset"
+	@echo "make test  - run the test suite"
+	@echo "make lint  - ruff"
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PYTHON) -m pipeline.job jobs/demo_cpu.yaml
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
