@@ -1,0 +1,312 @@
+"""The job file: one YAML is the whole configuration of a run, validated into typed objects before any work.
+
+Sections: `data`, `preprocess`, `stream` (pipeline/data/settings.py), `model`, `training`, `deepspeed`,
+`tracking`, `scaling`, `evaluation` (here). Every model forbids unknown keys; `load_job` turns any problem
+(unknown or mistyped key, wrong type, contradiction, missing input file) into one `JobConfigError` naming the
+file and the dotted key, before anything starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
+
+JobKind = Literal["train", "preprocess", "evaluate"]
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Where relative paths of a job file point. A submitted Ray job runs in a temporary copy of the working
+# directory, so a cluster job sets this (or uses absolute/URL paths) to keep outputs out of that copy.
+WORKDIR_ENV = "ONEFORMER_WORKDIR"
+
+
+class JobConfigError(ValueError):
+    """A job file that cannot run: the message names the file and the offending key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSettings(_Section):
+    """Which network to build (model.build_model) and what to initialise it from."""
+
+    preset: Literal["swin_l", "convnext_l", "convnext_xl", "dinat_l", "tiny"] = Field(
+        description="Architecture preset of model.build_model."
+    )
+    dataset: Literal["ade20k", "ade20k_1280", "coco", "cityscapes"] | None = Field(
+        None, description="Dataset settings of the preset (classes, queries, DiNAT dilations, inference thresholds)."
+    )
+    num_classes: int | None = Field(
+        None, ge=1, description="K; default: the number of categories in the dataset's annotation JSON."
+    )
+    num_queries: int | None = Field(None, ge=17, description="N object queries; default: the preset's.")
+    weights: str | None = Field(None, description="Checkpoint to initialise the whole model from (ours or converted).")
+    backbone_weights: str | None = Field(
+        None, description="Backbone weights file (timm/official layout) for ImageNet initialisation."
+    )
+    deform_attn_backend: Literal["reference", "triton"] | None = Field(
+        None, description="Deformable-attention kernel; default: Triton on GPU, the reference on CPU."
+    )
+
+
+class TrainingSettings(_Section):
+    """Optimisation: AdamW with the backbone multiplier, poly or step schedule, full-model clipping."""
+
+    max_steps: int = Field(ge=1, description="Optimizer steps (the paper's 'iterations').")
+    global_batch_size: int = Field(16, ge=1, description="Images per optimizer step over all workers.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step per worker.")
+    learning_rate: float = Field(1e-4, gt=0, description="AdamW base learning rate.")
+    weight_decay: float = Field(0.05, ge=0, description="None on norms, embeddings and relative position tables.")
+    backbone_lr_multiplier: float = Field(0.1, gt=0, description="Backbone learning rate = base x this.")
+    schedule: Literal["poly", "step"] = Field("poly", description="poly (ADE20K, Cityscapes) or step (COCO).")
+    poly_power: float = Field(0.9, gt=0, description="Exponent of the poly schedule.")
+    step_milestones: list[int] = Field(default_factory=list, description="Steps where the step schedule multiplies by step_gamma.")
+    step_gamma: float = Field(0.1, gt=0, description="Factor of the step schedule at each milestone.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (0 in the paper's configs).")
+    gradient_clip_norm: float = Field(0.01, gt=0, description="Clip the full model's gradient L2 norm at this value.")
+    seed: int = Field(0, description="Seeds initialisation and every worker's randomness.")
+    log_every: int = Field(20, ge=1, description="Steps between metric logs.")
+    eval_every: int | None = Field(None, ge=1, description="Steps between validations; default: only at the end.")
+    checkpoint_every: int = Field(1000, ge=1, description="Steps between checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Latest checkpoints kept (the best by validation PQ is kept too).")
+
+    @model_validator(mode="after")
+    def _schedule_is_consistent(self) -> TrainingSettings:
+        if self.schedule == "step" and not self.step_milestones:
+            raise ValueError("schedule 'step' needs step_milestones")
+        if self.schedule == "poly" and self.step_milestones:
+            raise ValueError("step_milestones are set but schedule is 'poly'")
+        if self.step_milestones != sorted(self.step_milestones) or any(m >= self.max_steps for m in self.step_milestones):
+            raise ValueError(f"step_milestones must be increasing and below max_steps ({self.max_steps})")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        return self
+
+
+class DeepSpeedSettings(_Section):
+    """The DeepSpeed engine that wraps the model on every worker."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: optimizer (1), gradients (2), parameters (3) sharded.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="Training precision (the official DiNAT configs use fp32).")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (ZeRO stage >= 1).")
+    extra_config: dict[str, Any] = Field(
+        default_factory=dict, description="Merged last into the generated DeepSpeed config, for knobs not named here."
+    )
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSettings:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        return self
+
+
+class TrackingSettings(_Section):
+    """MLflow tracking. MLFLOW_TRACKING_URI in the environment wins over tracking_uri, as MLflow users expect."""
+
+    tracking_uri: str = Field(
+        "sqlite:///mlruns/mlflow.db", description="Tracking store; relative sqlite paths are under the work directory."
+    )
+    experiment: str = Field("oneformer", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name; default: the job name and a timestamp.")
+    log_pictures: int = Field(4, ge=0, description="Overlay pictures per task logged at each validation.")
+
+
+class ScalingSettings(_Section):
+    """Ray Train scaling and storage."""
+
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (data loading runs there too).")
+    ray_address: str | None = Field(None, description="None: local Ray or the cluster a submitted job runs in.")
+    storage_path: str = Field("runs", description="Checkpoints and results: local path (under the work directory) or URL.")
+    max_failures: int = Field(3, ge=-1, description="Automatic restarts from the latest checkpoint (-1: unlimited).")
+    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime environment for the workers.")
+
+
+class EvaluationSettings(_Section):
+    """Validation: PQ (panoptic task), AP (instance task), mIoU (semantic task)."""
+
+    metrics: list[Literal["pq", "ap", "miou"]] = Field(["pq", "ap", "miou"], description="Metrics to compute.")
+    max_images: int | None = Field(None, ge=1, description="Evaluate on at most this many validation images.")
+    semantic_multiscale: bool = Field(False, description="Multi-scale + flip test for semantic segmentation.")
+    checkpoint: str | None = Field(None, description="For an evaluate job: the checkpoint to evaluate.")
+
+
+class JobConfig(_Section):
+    """A whole run. Which sections are needed depends on `kind`."""
+
+    kind: JobKind = Field(description="train, preprocess or evaluate.")
+    name: str = Field(min_length=1, description="Job name, used for runs and output folders.")
+    synthetic_dataset: SyntheticSettings | None = Field(
+        None, description="Generate the embedded synthetic dataset at data.root first (skipped when present)."
+    )
+    data: DatasetSettings | None = None
+    preprocess: PreprocessSettings | None = None
+    stream: StreamSettings | None = None
+    model: ModelSettings | None = None
+    training: TrainingSettings | None = None
+    deepspeed: DeepSpeedSettings = Field(default_factory=DeepSpeedSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    scaling: ScalingSettings = Field(default_factory=ScalingSettings)
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)
+
+    @model_validator(mode="after")
+    def _sections_fit_the_kind(self) -> JobConfig:
+        required = {"preprocess": ("data", "preprocess"), "train": ("data", "stream", "model", "training"),
+                    "evaluate": ("data", "stream", "model")}[self.kind]
+        missing = [name for name in required if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"a {self.kind} job needs the section(s) {', '.join(missing)}")
+        if self.synthetic_dataset is not None and self.data is None:
+            raise ValueError("synthetic_dataset needs a data section whose root receives the dataset")
+        if self.kind == "train":
+            self._check_training_layout()
+        return self
+
+    def _check_training_layout(self) -> None:
+        per_step = self.scaling.num_workers * self.stream.batch_size * self.training.gradient_accumulation_steps
+        if self.training.global_batch_size != per_step:
+            raise ValueError(
+                f"training.global_batch_size ({self.training.global_batch_size}) must equal scaling.num_workers "
+                f"({self.scaling.num_workers}) x stream.batch_size ({self.stream.batch_size}) x "
+                f"training.gradient_accumulation_steps ({self.training.gradient_accumulation_steps}) = {per_step}"
+            )
+        if self.model.num_queries is not None and self.model.num_queries != self.stream.num_queries:
+            raise ValueError(
+                f"model.num_queries ({self.model.num_queries}) and stream.num_queries ({self.stream.num_queries}) "
+                "differ: the text list is built for the model's queries"
+            )
+        if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: the CPU accelerator has no fp16 training")
+
+
+class SyntheticSettings(_Section):
+    """The embedded default dataset (pipeline/synthetic.py)."""
+
+    num_images: int = Field(ge=2, description="Images over both splits.")
+    seed: int = Field(0, description="Generator seed: the same seed gives byte-identical files.")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="Share of images in the val split.")
+    min_size: int = Field(160, ge=16, description="Smallest image side.")
+    max_size: int = Field(320, ge=16, description="Largest image side.")
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> SyntheticSettings:
+        if self.min_size > self.max_size:
+            raise ValueError(f"min_size ({self.min_size}) exceeds max_size ({self.max_size})")
+        return self
+
+
+JobConfig.model_rebuild()
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def work_directory() -> Path:
+    """Where relative paths of job files resolve: $ONEFORMER_WORKDIR, else the current directory."""
+    return Path(os.environ.get(WORKDIR_ENV) or os.getcwd()).resolve()
+
+
+def resolve_path(value: str, base: Path | None = None) -> str:
+    """Absolute local path for a relative one; URLs (s3://, gs://, file://, ...) and absolute paths unchanged."""
+    if "://" in value or os.path.isabs(value):
+        return value
+    return str(((base or work_directory()) / os.path.expanduser(value)).resolve())
+
+
+def _format_location(location: tuple) -> str:
+    return ".".join(str(part) for part in location) or "(top level)"
+
+
+def _known_keys(model: type[BaseModel], location: tuple) -> list[str]:
+    """Field names of the section at `location` (for 'did you mean' hints)."""
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not candidates:
+            return []
+        model = candidates[0]
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    location = tuple(part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-")))
+    key = _format_location(location)
+    if error["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(str(location[-1]), _known_keys(JobConfig, location), n=1)
+        return f"{key}: unknown key" + (f" (did you mean '{'.'.join(map(str, location[:-1] + (hint[0],)))}'?)" if hint else "")
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if not location:
+        return f"contradiction: {message}"
+    if error["type"].endswith("_type") or error["type"].endswith("_parsing") or error["type"] == "literal_error":
+        return f"{key}: {message} (got {error.get('input')!r})"
+    return f"{key}: {message}"
+
+
+def parse_job(document: Any, source: str) -> JobConfig:
+    """Validate an already-parsed YAML document; errors name `source` and every bad key."""
+    if not isinstance(document, dict):
+        raise JobConfigError(f"{source}: a job file must be a YAML mapping of sections, got {type(document).__name__}")
+    try:
+        return JobConfig.model_validate(document)
+    except ValidationError as err:
+        problems = "\n".join(f"  - {_describe(e)}" for e in err.errors())
+        raise JobConfigError(f"{source}: invalid job file\n{problems}") from None
+
+
+def _resolve_paths(job: JobConfig) -> None:
+    """Make every local path absolute against the work directory, so Ray workers (which run in temporary
+    directories) see the same files."""
+    if job.data is not None:
+        job.data.root = resolve_path(job.data.root)
+    if job.preprocess is not None:
+        job.preprocess.output = resolve_path(job.preprocess.output)
+    if job.stream is not None and job.stream.shards is not None:
+        job.stream.shards = resolve_path(job.stream.shards)
+    if job.model is not None:
+        for name in ("weights", "backbone_weights"):
+            if getattr(job.model, name) is not None:
+                setattr(job.model, name, resolve_path(getattr(job.model, name)))
+    if job.tracking.tracking_uri.startswith("sqlite:///") and not job.tracking.tracking_uri.startswith("sqlite:////"):
+        job.tracking.tracking_uri = "sqlite:///" + resolve_path(job.tracking.tracking_uri.removeprefix("sqlite:///"))
+    job.scaling.storage_path = resolve_path(job.scaling.storage_path)
+    if job.evaluation.checkpoint is not None:
+        job.evaluation.checkpoint = resolve_path(job.evaluation.checkpoint)
+
+
+def _check_inputs_exist(job: JobConfig, source: str) -> None:
+    """Input files named by the job must exist before any work starts (outputs are created later)."""
+    inputs = {
+        "model.weights": job.model and job.model.weights,
+        "model.backbone_weights": job.model and job.model.backbone_weights,
+        "evaluation.checkpoint": job.evaluation.checkpoint,
+    }
+    if job.data is not None and job.synthetic_dataset is None and job.kind == "preprocess":
+        inputs["data.root"] = job.data.root
+    for key, path in inputs.items():
+        if path and "://" not in path and not os.path.exists(path):
+            raise JobConfigError(f"{source}: {key}: file not found: {path}")
+
+
+def load_job(path: str | os.PathLike) -> JobConfig:
+    """Read, validate and resolve a job file. Raises JobConfigError naming the file and the key."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise JobConfigError(f"{source}: job file not found") from None
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise JobConfigError(f"{source}: not valid YAML: {err}") from None
+    job = parse_job(document, source)
+    _resolve_paths(job)
+    _check_inputs_exist(job, source)
+    return job
