@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 
-JobKind = Literal["train", "preprocess", "evaluate"]
+JobKind = Literal["train", "preprocess"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Where relative paths of a job file point. A submitted Ray job runs in a temporary copy of the working
 # directory, so a cluster job sets this (or uses absolute/URL paths) to keep outputs out of that copy.
@@ -135,13 +135,12 @@ class EvaluationSettings(_Section):
     metrics: list[Literal["pq", "ap", "miou"]] = Field(["pq", "ap", "miou"], description="Metrics to compute.")
     max_images: int | None = Field(None, ge=1, description="Evaluate on at most this many validation images.")
     semantic_multiscale: bool = Field(False, description="Multi-scale + flip test for semantic segmentation.")
-    checkpoint: str | None = Field(None, description="For an evaluate job: the checkpoint to evaluate.")
 
 
 class JobConfig(_Section):
     """A whole run. Which sections are needed depends on `kind`."""
 
-    kind: JobKind = Field(description="train, preprocess or evaluate.")
+    kind: JobKind = Field(description="train (preprocesses first when the job has a preprocess section) or preprocess.")
     name: str = Field(min_length=1, description="Job name, used for runs and output folders.")
     synthetic_dataset: SyntheticSettings | None = Field(
         None, description="Generate the embedded synthetic dataset at data.root first (skipped when present)."
@@ -158,8 +157,7 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _sections_fit_the_kind(self) -> JobConfig:
-        required = {"preprocess": ("data", "preprocess"), "train": ("data", "stream", "model", "training"),
-                    "evaluate": ("data", "stream", "model")}[self.kind]
+        required = {"preprocess": ("data", "preprocess"), "train": ("data", "stream", "model", "training")}[self.kind]
         missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError(f"a {self.kind} job needs the section(s) {', '.join(missing)}")
@@ -277,8 +275,6 @@ def _resolve_paths(job: JobConfig) -> None:
     if job.tracking.tracking_uri.startswith("sqlite:///") and not job.tracking.tracking_uri.startswith("sqlite:////"):
         job.tracking.tracking_uri = "sqlite:///" + resolve_path(job.tracking.tracking_uri.removeprefix("sqlite:///"))
     job.scaling.storage_path = resolve_path(job.scaling.storage_path)
-    if job.evaluation.checkpoint is not None:
-        job.evaluation.checkpoint = resolve_path(job.evaluation.checkpoint)
 
 
 def _check_inputs_exist(job: JobConfig, source: str) -> None:
@@ -286,7 +282,6 @@ def _check_inputs_exist(job: JobConfig, source: str) -> None:
     inputs = {
         "model.weights": job.model and job.model.weights,
         "model.backbone_weights": job.model and job.model.backbone_weights,
-        "evaluation.checkpoint": job.evaluation.checkpoint,
     }
     if job.data is not None and job.synthetic_dataset is None and job.kind == "preprocess":
         inputs["data.root"] = job.data.root

@@ -19,7 +19,11 @@ def ms_deform_attn(
     """Deformable DETR's op; see `ms_deform_attn_reference` for shapes and semantics."""
     chosen = choose_backend("ms_deform_attn", value.device, backend)
     if chosen == "reference":
-        return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return ms_deform_attn_reference(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     from kernels.ms_deform_attn.triton_kernels import ms_deform_attn_triton
 
-    return ms_deform_attn_triton(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ms_deform_attn_triton(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )

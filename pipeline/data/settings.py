@@ -82,6 +82,9 @@ class PreprocessSettings(BaseModel):
     max_parallel_tasks: int | None = Field(
         None, ge=1, description="Ray shard tasks in flight at once; default: the cluster's CPU count."
     )
+    executor: Literal["ray", "local"] = Field(
+        "ray", description="'ray' fans shards out over Ray tasks; 'local' writes them one by one in-process."
+    )
     ray_address: str | None = Field(
         None,
         description="Ray cluster address: None starts or joins a local Ray; 'auto' joins the cluster a "

@@ -1,0 +1,263 @@
+"""Our OneFormer against transformers' OneFormerForUniversalSegmentation at the same configuration, on CPU:
+seconds per training step (forward + loss + backward) and per inference step, and the peak memory each step
+adds on top of the built model (resident set size sampled every millisecond, minus the size before the
+first step).
+
+Timing: one process per (configuration, mode) builds both models and alternates their steps (ours, HF,
+ours, HF, ...), so load from other processes on a shared machine hits both alike; medians are reported.
+Memory: one fresh process per (implementation, configuration, mode) runs one step, so that another
+measurement's freed-but-cached memory cannot hide its peak. Both implementations get the same HF config dict
+(ours is derived from it by model.convert), images, tasks, text lists and targets; the weights are each
+side's own random init (timing does not depend on their values).
+
+Configurations:
+- tiny: our "tiny" preset's heads (hidden 64, 24 queries, 2 pixel-decoder layers, 9 decoder layers, ...) on
+  a Swin of the tiny DiNAT's sizes (32..256 channels, depths 1,1,2,1; transformers has no NATTEN-free DiNAT),
+  128 x 128 images.
+- small: the full-width heads (256, 6 pixel-decoder layers, 9 decoder layers, 150 queries, 133 classes as
+  COCO) on Swin-T (96..768, depths 2,2,6,2, window 7), 256 x 256 images.
+
+    .venv/bin/python benchmarks/bench_model_vs_transformers.py [--configs tiny small] [--steps 3] [--batch 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)
+PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
+TASKS = ("semantic", "instance", "panoptic")
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+CONFIGS = {
+    "tiny": {
+        "image_size": 128,
+        "backbone": dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=4, mlp_ratio=2.0),
+        "heads": dict(
+            num_queries=24, hidden_dim=64, conv_dim=64, mask_dim=64, encoder_layers=2, encoder_feedforward_dim=128,
+            num_attention_heads=4, dim_feedforward=128, decoder_layers=10, query_dec_layers=1,
+            text_encoder_width=64, text_encoder_num_layers=2, num_labels=150,
+        ),
+    },
+    "small": {
+        "image_size": 256,
+        "backbone": dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0),
+        "heads": dict(
+            num_queries=150, hidden_dim=256, conv_dim=256, mask_dim=256, encoder_layers=6,
+            encoder_feedforward_dim=1024, num_attention_heads=8, dim_feedforward=2048, decoder_layers=10,
+            query_dec_layers=2, text_encoder_width=256, text_encoder_num_layers=6, num_labels=133,
+        ),
+    },
+}  # fmt: skip
+
+
+def hf_config_dict(name: str, training: bool) -> dict:
+    """The transformers OneFormerConfig of a benchmark configuration, as its config.json dict."""
+    from transformers import OneFormerConfig, SwinConfig
+
+    spec = CONFIGS[name]
+    backbone = SwinConfig(**spec["backbone"], drop_path_rate=0.0, out_features=STAGES, image_size=spec["image_size"])
+    heads = dict(spec["heads"])
+    num_labels = heads.pop("num_labels")
+    config = OneFormerConfig(
+        backbone_config=backbone, is_training=training, id2label={i: f"class{i}" for i in range(num_labels)}, **heads
+    )
+    return config.to_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Child process: one implementation, one configuration, one mode.
+
+
+class PeakRss:
+    """Highest resident set size seen by a 1 ms sampling thread while the context is open."""
+
+    def __init__(self):
+        import psutil
+
+        self._process = psutil.Process()
+        self.peak = self.baseline = self._process.memory_info().rss
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+def synthetic_batch(batch: int, size: int, num_queries: int, num_classes: int, n_ctx: int) -> dict:
+    from model.tokenizer import tokenize
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, size, size, generator=generator) * 255
+    tasks = [TASKS[i % 3] for i in range(batch)]
+    targets = []
+    for _ in range(batch):
+        masks = torch.zeros(3, size, size, dtype=torch.bool)
+        for index in range(3):
+            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            masks[index, top : top + size // 2, left : left + size // 2] = True
+        labels = torch.randint(0, num_classes, (3,), generator=generator)
+        targets.append({"labels": labels, "masks": masks})
+    texts = [f"a photo with a class{int(label)}" for target in targets for label in target["labels"]]
+    num_texts = num_queries - n_ctx
+    text_tokens = tokenize(["a panoptic photo"] * num_texts).repeat(batch, 1, 1)
+    text_tokens[:, :3] = tokenize(texts).view(batch, 3, -1)
+    task_inputs = torch.cat([tokenize(f"the task is {task}") for task in tasks]).float()
+    return {"images": images, "tasks": tasks, "targets": targets, "text_tokens": text_tokens, "task_inputs": task_inputs}
+
+
+def ours_steps(hf_config: dict, data: dict, training: bool):
+    from model.convert import build_from_config, config_from_transformers
+    from model.criterion import LossWeights, OneFormerCriterion, weighted_total
+    from model.matcher import HungarianMatcher
+
+    config = config_from_transformers(hf_config, dataset="coco", training=training)
+    model = build_from_config(config)
+    criterion = OneFormerCriterion(config.num_classes, HungarianMatcher())
+
+    def train_step():
+        outputs = model(data["images"], data["tasks"], data["text_tokens"])
+        weighted_total(criterion(outputs, data["targets"]), LossWeights()).backward()
+        model.zero_grad(set_to_none=True)
+
+    def inference_step():
+        with torch.no_grad():
+            model(data["images"], data["tasks"])
+
+    model.train(training)
+    return train_step if training else inference_step
+
+
+def hf_steps(hf_config: dict, data: dict, training: bool):
+    from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
+
+    model = OneFormerForUniversalSegmentation(OneFormerConfig.from_dict(hf_config))
+    pixel_values = (data["images"] - PIXEL_MEAN) / PIXEL_STD
+    mask_labels = [target["masks"].float() for target in data["targets"]]
+    class_labels = [target["labels"] for target in data["targets"]]
+
+    def train_step():
+        outputs = model(
+            pixel_values=pixel_values, task_inputs=data["task_inputs"], text_inputs=data["text_tokens"],
+            mask_labels=mask_labels, class_labels=class_labels,
+        )  # fmt: skip
+        outputs.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def inference_step():
+        with torch.no_grad():
+            model(pixel_values=pixel_values, task_inputs=data["task_inputs"])
+
+    model.train(training)
+    return train_step if training else inference_step
+
+
+def _build_step(impl: str, spec: dict, data: dict):
+    build = ours_steps if impl == "ours" else hf_steps
+    return build(spec["hf_config"], data, spec["mode"] == "train")
+
+
+def _spec_data(spec: dict) -> dict:
+    hf_config = spec["hf_config"]
+    return synthetic_batch(
+        spec["batch"], spec["image_size"], hf_config["num_queries"], len(hf_config["id2label"]),
+        hf_config["text_encoder_n_ctx"],
+    )  # fmt: skip
+
+
+def run_child(spec: dict) -> dict:
+    torch.manual_seed(0)
+    data = _spec_data(spec)
+    if spec["measure"] == "memory":
+        step = _build_step(spec["impl"], spec, data)
+        with PeakRss() as memory:
+            step()
+        return {"peak_mib": (memory.peak - memory.baseline) / 2**20}
+    steps = {impl: _build_step(impl, spec, data) for impl in ("ours", "hf")}
+    times: dict[str, list[float]] = {impl: [] for impl in steps}
+    for repeat in range(spec["steps"] + 1):  # the first round is warm-up
+        for impl, step in steps.items():
+            started = time.perf_counter()
+            step()
+            if repeat:
+                times[impl].append(time.perf_counter() - started)
+    return {impl: statistics.median(values) for impl, values in times.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parent process.
+
+
+def run_in_child(spec: dict, threads: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    completed = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{spec['measure']} {spec.get('impl', '')} {spec['mode']} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def measure(name: str, mode: str, args) -> dict:
+    base = {
+        "mode": mode, "steps": args.steps, "batch": args.batch, "image_size": CONFIGS[name]["image_size"],
+        "hf_config": hf_config_dict(name, training=mode == "train"),
+    }  # fmt: skip
+    seconds = run_in_child({**base, "measure": "time"}, args.threads)
+    memory = {impl: run_in_child({**base, "measure": "memory", "impl": impl}, args.threads)["peak_mib"]
+              for impl in ("ours", "hf")}  # fmt: skip
+    return {"seconds": seconds, "peak_mib": memory}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["tiny", "small"])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+        print(json.dumps(run_child(json.loads(args.child))))
+        return
+
+    print(f"torch {torch.__version__}, CPU, {args.threads} threads, batch {args.batch}, median of {args.steps} alternating steps")
+    header = f"{'config':<7}{'mode':<7}{'ours s':>9}{'HF s':>9}{'HF/ours':>9}{'ours MiB':>10}{'HF MiB':>9}{'HF/ours':>9}"
+    print(header)
+    for name in args.configs:
+        for mode in ("train", "infer"):
+            result = measure(name, mode, args)
+            ours_s, hf_s = result["seconds"]["ours"], result["seconds"]["hf"]
+            ours_mib, hf_mib = result["peak_mib"]["ours"], result["peak_mib"]["hf"]
+            print(
+                f"{name:<7}{mode:<7}{ours_s:>9.3f}{hf_s:>9.3f}{hf_s / ours_s:>9.2f}"
+                f"{ours_mib:>10.1f}{hf_mib:>9.1f}{hf_mib / max(ours_mib, 1e-9):>9.2f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

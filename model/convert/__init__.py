@@ -1,0 +1,284 @@
+"""Hugging Face OneFormer checkpoints -> our OneFormer, and our own checkpoint files.
+
+    model = from_transformers("path/to/oneformer_ade20k_swin_large")      # a save_pretrained directory
+    save_checkpoint(model, config, "oneformer_swin_l_ade20k.pt")           # {"config": ..., "model": ...}
+    model = load_checkpoint("oneformer_swin_l_ade20k.pt")
+    # or: python -m model.convert DIR --out FILE.pt [--dataset ade20k] [--training]
+
+`from_transformers` reads config.json, derives `build_model` overrides from it (backbone type and sizes,
+widths, queries, classes, layers), maps every weight, and fails on any HF weight it cannot place or any of
+our weights left unfilled, except the text mapper: HF hub checkpoints do not carry it, so a model built with
+`training=True` starts it fresh and logs that it did.
+
+Deliberate differences from the Hugging Face port (converted weights, different numbers in these cases):
+- Swin: when a stage's feature map is no larger than the window (min side <= window, e.g. inputs of 384 px
+  or less for Swin-L's window 12), HF shrinks the window to the map and turns the shift off, and keeps that
+  setting for every later call; we follow the official Swin, which pads the map to the window and keeps the
+  shift. Above that size both compute the same.
+- Pixel decoder: HF applies dropout whenever its config says `is_training`, even in eval mode; ours follows
+  `module.training` (dropout off in eval).
+- Text mapper: HF builds the causal mask of the text encoder but never applies it; we apply it, so text
+  queries of an HF checkpoint saved with `is_training=True` differ after conversion (its weights still map).
+- `criterion.logit_scale` becomes `text_mapper.logit_scale` (our model owns the contrastive temperature);
+  `criterion.empty_weight` is dropped (the criterion rebuilds it from the no-object weight).
+- Decoder self-attention: HF's separate q/k/v projections are packed into one `in_proj_weight` (q, k, v
+  order) of `nn.MultiheadAttention`, as in the official code. Same computation.
+- Layer count: HF's `decoder_layers` counts the prediction on the initial queries (10); ours counts
+  masked-attention layers (9).
+- Inference post-processing (model/inference.py) follows the official code, not HF's: instance results are
+  the top-k overlapping masks with no score threshold.
+- Unsupported HF configs (refused with the field named): pre_norm, use_task_norm=False, enforce_input_proj or
+  conv_dim != hidden_dim (HF never saves those projections), norms other than GroupNorm, layer_norm_eps other
+  than 1e-5, backbones other than Swin (and DiNAT when its adapter is present).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from model.convert.oneformer import (
+    HF_BACKBONE_PREFIX,
+    UnsupportedConfigError,
+    convert_head_state_dict,
+    head_overrides,
+)
+from model.oneformer import OneFormer
+from model.presets import OneFormerConfig, build_oneformer, make_config
+
+logger = logging.getLogger(__name__)
+
+# Class counts of the released checkpoints, used to pick the dataset settings when none is given.
+DATASET_BY_NUM_CLASSES = {150: "ade20k", 133: "coco", 19: "cityscapes"}
+# HF Swin config fields that must hold these values (our Swin implements only these).
+_SWIN_REQUIRED = {
+    "qkv_bias": True,
+    "use_absolute_embeddings": False,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+    "num_channels": 3,
+}
+_ALL_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+def read_hf_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The weights save_pretrained wrote: model.safetensors, pytorch_model.bin, or their sharded index."""
+    directory = Path(directory)
+    for index_name, reader in (("model.safetensors.index.json", _read_safetensors),
+                               ("pytorch_model.bin.index.json", _read_torch_bin)):  # fmt: skip
+        index_path = directory / index_name
+        if index_path.exists():
+            shards = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+            state: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                state.update(reader(directory / shard))
+            return state
+    if (directory / "model.safetensors").exists():
+        return _read_safetensors(directory / "model.safetensors")
+    if (directory / "pytorch_model.bin").exists():
+        return _read_torch_bin(directory / "pytorch_model.bin")
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or sharded index) in {directory}")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _read_torch_bin(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def backbone_build_args(hf_config: dict) -> tuple[str, dict]:
+    """(our backbone builder name, its keyword arguments) for the HF `backbone_config`."""
+    backbone = hf_config.get("backbone_config") or {}
+    if hf_config.get("backbone") and not backbone:
+        raise UnsupportedConfigError(
+            f"config.json field 'backbone' = {hf_config['backbone']!r} (a timm/hub backbone) is not supported; "
+            "only an inline 'backbone_config' of model_type 'swin' or 'dinat'"
+        )
+    model_type = backbone.get("model_type")
+    out_features = backbone.get("out_features", _ALL_STAGES)
+    if list(out_features) != _ALL_STAGES:
+        raise UnsupportedConfigError(f"backbone_config field 'out_features' must be {_ALL_STAGES}, got {out_features}")
+    if model_type == "swin":
+        return "swin", _swin_kwargs(backbone)
+    if model_type == "dinat":
+        return "dinat", _dinat_kwargs(backbone)
+    raise UnsupportedConfigError(
+        f"backbone_config field 'model_type' = {model_type!r} is not supported (only 'swin' and 'dinat')"
+    )
+
+
+def _swin_kwargs(backbone: dict) -> dict:
+    for name, required in _SWIN_REQUIRED.items():
+        if name in backbone and backbone[name] != required:
+            raise UnsupportedConfigError(f"backbone_config field {name!r} = {backbone[name]!r} is not supported (only {required!r})")
+    return {
+        "embed_dim": backbone.get("embed_dim", 96),
+        "depths": list(backbone.get("depths", [2, 2, 6, 2])),
+        "num_heads": list(backbone.get("num_heads", [3, 6, 12, 24])),
+        "window_size": backbone.get("window_size", 7),
+        "mlp_ratio": float(backbone.get("mlp_ratio", 4.0)),
+        "drop_path_rate": float(backbone.get("drop_path_rate", 0.1)),
+        "patch_size": backbone.get("patch_size", 4),
+    }
+
+
+def _dinat_kwargs(backbone: dict) -> dict:
+    if backbone.get("patch_size", 4) != 4:
+        raise UnsupportedConfigError(f"backbone_config field 'patch_size' = {backbone['patch_size']} is not supported (only 4)")
+    layer_scale = backbone.get("layer_scale_init_value", 0.0)
+    return {
+        "embed_dim": backbone.get("embed_dim", 64),
+        "depths": list(backbone.get("depths", [3, 4, 6, 5])),
+        "num_heads": list(backbone.get("num_heads", [2, 4, 8, 16])),
+        "kernel_size": backbone.get("kernel_size", 7),
+        "dilations": [list(d) for d in backbone["dilations"]] if "dilations" in backbone else None,
+        "mlp_ratio": float(backbone.get("mlp_ratio", 3.0)),
+        "drop_path_rate": float(backbone.get("drop_path_rate", 0.1)),
+        "layer_scale": layer_scale if layer_scale > 0 else None,
+    }
+
+
+def config_from_transformers(hf_config: dict, dataset: str | None = None, training: bool = False) -> OneFormerConfig:
+    """Our build config for an HF OneFormer config.json dict. `dataset` picks the inference thresholds; by
+    default it is guessed from the class count (150 ADE20K, 133 COCO, 19 Cityscapes)."""
+    overrides = head_overrides(hf_config)
+    if dataset is None:
+        dataset = DATASET_BY_NUM_CLASSES.get(overrides["num_classes"])
+        if dataset is None:
+            raise ValueError(
+                f"cannot guess the dataset from {overrides['num_classes']} classes; pass dataset= "
+                f"(one of {sorted(set(DATASET_BY_NUM_CLASSES.values()) | {'ade20k_1280'})})"
+            )
+    backbone_name, backbone_kwargs = backbone_build_args(hf_config)
+    preset = "swin_l" if backbone_name == "swin" else "dinat_l"
+    return make_config(
+        preset, dataset=dataset, backbone=backbone_name, backbone_kwargs=backbone_kwargs, training=training, **overrides
+    )
+
+
+def _convert_backbone(backbone_name: str, hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if backbone_name == "swin":
+        from model.convert.swin import convert_swin_state_dict
+
+        converted = convert_swin_state_dict(hf_state, prefix=HF_BACKBONE_PREFIX)
+        # SwinBackbone keeps SwinModel's final LayerNorm but never uses it (it normalises each stage itself).
+        return {key: value for key, value in converted.items() if not key.startswith("layernorm.")}
+    try:
+        adapter = importlib.import_module("model.convert.dinat")
+        convert = adapter.convert_dinat_state_dict
+    except (ImportError, AttributeError) as error:
+        raise UnsupportedConfigError(f"DiNAT checkpoints need model.convert.dinat.convert_dinat_state_dict: {error}") from error
+    return convert(hf_state, prefix=HF_BACKBONE_PREFIX)
+
+
+def convert_transformers_checkpoint(
+    directory: str | Path, dataset: str | None = None, training: bool = False
+) -> tuple[OneFormerConfig, dict[str, torch.Tensor]]:
+    """(our config, our state dict) for an HF save_pretrained directory. The state dict lacks the text mapper
+    when the HF checkpoint does (hub checkpoints always do)."""
+    directory = Path(directory)
+    hf_config = json.loads((directory / "config.json").read_text())
+    if hf_config.get("model_type") != "oneformer":
+        raise UnsupportedConfigError(f"config.json field 'model_type' must be 'oneformer', got {hf_config.get('model_type')!r}")
+    config = config_from_transformers(hf_config, dataset=dataset, training=training)
+    hf_state = read_hf_state_dict(directory)
+    state, unclaimed = convert_head_state_dict(hf_state)
+    if unclaimed:
+        raise KeyError(f"{len(unclaimed)} HF weights have no place in our model: {unclaimed[:10]}")
+    backbone = _convert_backbone(config.backbone, hf_state)
+    state.update({f"backbone.{key}": value for key, value in backbone.items()})
+    if not training:
+        state = {key: value for key, value in state.items() if not key.startswith("text_mapper.")}
+    return config, state
+
+
+def build_from_config(config: OneFormerConfig) -> OneFormer:
+    """A freshly initialised OneFormer for `config` (backbone by its builder name and keyword arguments)."""
+    from model.backbones import build_backbone
+
+    return build_oneformer(config, build_backbone(config.backbone, **config.backbone_kwargs))
+
+
+def load_converted(model: OneFormer, state: dict[str, torch.Tensor]) -> None:
+    """Load `state` into `model`, strictly, except that a text mapper absent from `state` keeps its fresh init."""
+    expected = set(model.state_dict())
+    unexpected = sorted(set(state) - expected)
+    missing = sorted(expected - set(state))
+    fresh_text_mapper = [key for key in missing if key.startswith("text_mapper.")]
+    missing = [key for key in missing if not key.startswith("text_mapper.")]
+    if unexpected or missing:
+        raise KeyError(f"checkpoint does not fit the model: missing {missing[:10]} ({len(missing)}), "
+                       f"unexpected {unexpected[:10]} ({len(unexpected)})")  # fmt: skip
+    if "text_mapper.logit_scale" in state:
+        # A scalar in HF (and in older checkpoints of ours); its element count is all that must agree.
+        target_shape = model.state_dict()["text_mapper.logit_scale"].shape
+        state = {**state, "text_mapper.logit_scale": state["text_mapper.logit_scale"].reshape(target_shape)}
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(model.state_dict()[key].shape)}"
+        for key, value in state.items()
+        if value.shape != model.state_dict()[key].shape
+    ]
+    if mismatched:
+        raise ValueError(f"shape mismatch for {len(mismatched)} weights: {mismatched[:5]}")
+    if fresh_text_mapper:
+        logger.warning(
+            "the checkpoint has no text mapper weights (%d tensors); the text mapper starts from its fresh "
+            "initialisation, as Hugging Face hub checkpoints never include it",
+            len(fresh_text_mapper),
+        )
+        state = {**{key: model.state_dict()[key] for key in fresh_text_mapper}, **state}
+    model.load_state_dict(state, strict=True)
+
+
+def from_transformers(directory: str | Path, dataset: str | None = None, training: bool = False) -> OneFormer:
+    """Our OneFormer, in eval mode, with the weights of an HF OneFormerForUniversalSegmentation
+    save_pretrained directory. training=True also builds the text mapper (fresh unless the HF checkpoint
+    has one)."""
+    config, state = convert_transformers_checkpoint(directory, dataset=dataset, training=training)
+    model = build_from_config(config)
+    load_converted(model, state)
+    return model.eval()
+
+
+def save_checkpoint(model: OneFormer, config: OneFormerConfig, path: str | Path) -> None:
+    """Write {"config": config as a dict, "model": state_dict}."""
+    torch.save({"config": dataclasses.asdict(config), "model": model.state_dict()}, path)
+
+
+def load_checkpoint(path: str | Path, training: bool | None = None) -> OneFormer:
+    """Our OneFormer (eval mode) from a file written by save_checkpoint. training overrides the saved flag
+    (True adds a fresh text mapper to an inference checkpoint; False drops a saved one)."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or set(saved) != {"config", "model"}:
+        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint (keys 'config' and 'model')")
+    config = OneFormerConfig(**saved["config"])
+    state = saved["model"]
+    if training is not None and training != config.training:
+        config = dataclasses.replace(config, training=training)
+        if not training:
+            state = {key: value for key, value in state.items() if not key.startswith("text_mapper.")}
+    model = build_from_config(config)
+    load_converted(model, state)
+    return model.eval()
+
+
+__all__ = [
+    "UnsupportedConfigError",
+    "build_from_config",
+    "config_from_transformers",
+    "convert_transformers_checkpoint",
+    "from_transformers",
+    "load_checkpoint",
+    "load_converted",
+    "read_hf_state_dict",
+    "save_checkpoint",
+]

@@ -1,0 +1,287 @@
+"""Turn OneFormer's raw predictions into semantic, panoptic and instance results, as the official OneFormer /
+Mask2Former code does (not as the Hugging Face port does: its instance path builds a non-overlapping map
+with a 0.5 score threshold; ours keeps the official top-k of overlapping masks with no threshold).
+
+Every image goes through the same three steps:
+1. its stride-4 mask logits are upsampled to the padded input size, cropped to the unpadded image size and
+   resized to the original size (detectron2's ``sem_seg_postprocess``);
+2. the task's rule combines class logits [Q, K+1] and mask logits [Q, H, W] into a result;
+3. results are returned per image, one typed object per task.
+
+The per-task functions work on one image's tensors, on CPU or GPU, without Python loops over pixels or
+queries. ``postprocess`` is the batched entry point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+TASKS = ("semantic", "instance", "panoptic")
+
+
+@dataclass(frozen=True)
+class InferenceThresholds:
+    """Post-processing settings of one dataset (the official test configs)."""
+
+    object_mask_threshold: float
+    """Panoptic: a query is kept only if its top class probability exceeds this (and is not no-object)."""
+    instance_top_k: int
+    """Instance: number of (query, class) pairs kept per image before the thing-class filter."""
+    overlap_threshold: float = 0.8
+    """Panoptic: a segment is dropped when the pixels it wins cover less than this share of its own mask."""
+    mask_probability_threshold: float = 0.5
+    """Panoptic: a won pixel stays in a segment only if the segment's own mask probability reaches this."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.object_mask_threshold < 1.0:
+            raise ValueError(f"object_mask_threshold must be in [0, 1), got {self.object_mask_threshold}")
+        if self.instance_top_k < 1:
+            raise ValueError(f"instance_top_k must be >= 1, got {self.instance_top_k}")
+        if not 0.0 < self.overlap_threshold <= 1.0:
+            raise ValueError(f"overlap_threshold must be in (0, 1], got {self.overlap_threshold}")
+
+
+def thresholds_for(dataset: str) -> InferenceThresholds:
+    """The official post-processing settings of `dataset` (from model.presets.DATASET_SETTINGS)."""
+    from model.presets import DATASET_SETTINGS
+
+    if dataset not in DATASET_SETTINGS:
+        raise ValueError(f"dataset must be one of {sorted(DATASET_SETTINGS)}, got {dataset!r}")
+    return thresholds_from_config(SimpleNamespace(**DATASET_SETTINGS[dataset]))
+
+
+def thresholds_from_config(config) -> InferenceThresholds:
+    """The settings a model config carries (`object_mask_threshold`, `overlap_threshold`, `test_topk`, as
+    model.presets.OneFormerConfig has them)."""
+    return InferenceThresholds(
+        object_mask_threshold=config.object_mask_threshold,
+        instance_top_k=config.test_topk,
+        overlap_threshold=config.overlap_threshold,
+    )
+
+
+@dataclass
+class SemanticResult:
+    scores: torch.Tensor
+    """float [K, H, W]: per class, the sum over queries of class probability x mask probability."""
+    labels: torch.Tensor
+    """int64 [H, W]: the per-pixel argmax of ``scores``."""
+
+
+@dataclass
+class PanopticSegment:
+    id: int
+    """The segment's value in the id map (1, 2, ...; 0 is void)."""
+    category_id: int
+    """Contiguous class id in 0..K-1."""
+    isthing: bool
+    score: float
+    """Class probability of the query that created the segment (merged stuff keeps the first query's)."""
+
+
+@dataclass
+class PanopticResult:
+    segment_ids: torch.Tensor
+    """int32 [H, W]: segment id per pixel, 0 where void."""
+    segments_info: list[PanopticSegment]
+
+
+@dataclass
+class InstanceResult:
+    masks: torch.Tensor
+    """bool [M, H, W], M <= top-k: overlapping binary masks (mask logit > 0)."""
+    scores: torch.Tensor
+    """float [M]: class probability x mean mask probability inside the binary mask."""
+    labels: torch.Tensor
+    """int64 [M]: contiguous thing class ids."""
+
+
+def resize_mask_logits(
+    mask_logits: torch.Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    original_size: tuple[int, int],
+) -> torch.Tensor:
+    """[Q, h, w] stride-4 logits -> [Q, H0, W0] at the original image size: upsample to the padded input,
+    crop the padding off, resize to the size the image had before the test-time resize."""
+    if mask_logits.dim() != 3:
+        raise ValueError(f"mask_logits must be [Q, h, w], got shape {tuple(mask_logits.shape)}")
+    if image_size[0] > padded_size[0] or image_size[1] > padded_size[1]:
+        raise ValueError(f"image_size {tuple(image_size)} exceeds padded_size {tuple(padded_size)}")
+    upsampled = F.interpolate(mask_logits[None], size=tuple(padded_size), mode="bilinear", align_corners=False)
+    cropped = upsampled[:, :, : image_size[0], : image_size[1]]
+    resized = F.interpolate(cropped, size=tuple(original_size), mode="bilinear", align_corners=False)
+    return resized[0]
+
+
+def _check_pair(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
+    if class_logits.dim() != 2 or mask_logits.dim() != 3 or class_logits.shape[0] != mask_logits.shape[0]:
+        raise ValueError(
+            "class_logits must be [Q, K+1] and mask_logits [Q, H, W] with the same Q, got "
+            f"{tuple(class_logits.shape)} and {tuple(mask_logits.shape)}"
+        )
+
+
+def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> SemanticResult:
+    """Soft per-class score maps: no-object dropped after the softmax, masks through a sigmoid."""
+    _check_pair(class_logits, mask_logits)
+    class_probs = class_logits.float().softmax(-1)[:, :-1]
+    mask_probs = mask_logits.float().sigmoid()
+    scores = torch.einsum("qk,qhw->khw", class_probs, mask_probs)
+    return SemanticResult(scores=scores, labels=scores.argmax(0))
+
+
+def _as_thing_flags(is_thing: Sequence[bool] | torch.Tensor, num_classes: int, device) -> torch.Tensor:
+    flags = torch.as_tensor(is_thing, dtype=torch.bool, device=device)
+    if flags.shape != (num_classes,):
+        raise ValueError(f"is_thing must hold one flag per class ({num_classes}), got shape {tuple(flags.shape)}")
+    return flags
+
+
+def _first_of_each_stuff_class(labels: torch.Tensor, valid: torch.Tensor, stuff: torch.Tensor) -> torch.Tensor:
+    """For each kept query, the index of the query whose segment it joins: itself for things, the first
+    valid query of the same class for stuff (stuff classes form one segment each)."""
+    index = torch.arange(labels.numel(), device=labels.device)
+    merge = (labels[:, None] == labels[None, :]) & stuff[:, None] & (valid & stuff)[None, :]
+    has_earlier = merge.any(1)
+    # argmax over a bool row returns its first True: the earliest valid stuff query of that class.
+    return torch.where(has_earlier, merge.int().argmax(1), index)
+
+
+def panoptic_inference(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    is_thing: Sequence[bool] | torch.Tensor,
+    object_mask_threshold: float,
+    overlap_threshold: float = 0.8,
+    mask_probability_threshold: float = 0.5,
+) -> PanopticResult:
+    """Non-overlapping segments from confident queries; pixels nobody claims are void (0).
+
+    The overlap test divides the area a query wins in the argmax by its own mask area (probability >= 0.5),
+    exactly as the official code does; the won pixels the segment keeps are those where its own mask
+    probability is also >= 0.5.
+    """
+    _check_pair(class_logits, mask_logits)
+    num_classes = class_logits.shape[1] - 1
+    thing_flags = _as_thing_flags(is_thing, num_classes, class_logits.device)
+    scores, labels = class_logits.float().softmax(-1).max(-1)
+    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    scores, labels = scores[keep], labels[keep]
+    mask_probs = mask_logits.float().sigmoid()[keep]
+    height, width = mask_logits.shape[-2:]
+    if labels.numel() == 0:
+        empty = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
+        return PanopticResult(segment_ids=empty, segments_info=[])
+
+    winner = (scores[:, None, None] * mask_probs).argmax(0)
+    winner_prob = mask_probs.gather(0, winner[None])[0]
+    in_segment = winner_prob >= mask_probability_threshold
+    count = labels.numel()
+    won_area = torch.bincount(winner.flatten(), minlength=count)
+    own_area = (mask_probs >= mask_probability_threshold).flatten(1).sum(1)
+    kept_area = torch.bincount(winner[in_segment], minlength=count)
+    valid = (won_area > 0) & (own_area > 0) & (kept_area > 0)
+    valid &= won_area.float() >= overlap_threshold * own_area.float().clamp(min=1)
+
+    target = _first_of_each_stuff_class(labels, valid, ~thing_flags[labels])
+    opens_segment = valid & (target == torch.arange(count, device=labels.device))
+    segment_number = torch.cumsum(opens_segment.int(), 0)
+    query_segment_id = torch.where(valid, segment_number[target], torch.zeros_like(segment_number))
+    segment_ids = torch.where(in_segment, query_segment_id[winner], 0).to(torch.int32)
+
+    segments_info = [
+        PanopticSegment(
+            id=int(segment_number[q]),
+            category_id=int(labels[q]),
+            isthing=bool(thing_flags[labels[q]]),
+            score=float(scores[q]),
+        )
+        for q in opens_segment.nonzero().flatten().tolist()
+    ]
+    return PanopticResult(segment_ids=segment_ids, segments_info=segments_info)
+
+
+def instance_inference(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    is_thing: Sequence[bool] | torch.Tensor,
+    top_k: int,
+) -> InstanceResult:
+    """The top-k (query, class) pairs over all Q x K class probabilities, then thing classes only; masks may
+    overlap and there is no NMS and no score threshold."""
+    _check_pair(class_logits, mask_logits)
+    num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
+    thing_flags = _as_thing_flags(is_thing, num_classes, class_logits.device)
+    class_probs = class_logits.float().softmax(-1)[:, :-1]
+    k = min(top_k, num_queries * num_classes)
+    top_scores, flat_index = class_probs.flatten().topk(k)
+    labels = flat_index % num_classes
+    queries = flat_index // num_classes
+    is_thing_pair = thing_flags[labels]
+    top_scores, labels, queries = top_scores[is_thing_pair], labels[is_thing_pair], queries[is_thing_pair]
+
+    selected_logits = mask_logits[queries].float()
+    masks = selected_logits > 0
+    mask_probs = selected_logits.sigmoid().flatten(1)
+    binary = masks.flatten(1).float()
+    mean_inside = (mask_probs * binary).sum(1) / (binary.sum(1) + 1e-6)
+    return InstanceResult(masks=masks, scores=top_scores * mean_inside, labels=labels)
+
+
+def postprocess(
+    outputs: dict[str, torch.Tensor],
+    tasks: Sequence[str],
+    image_sizes: Sequence[tuple[int, int]],
+    original_sizes: Sequence[tuple[int, int]],
+    is_thing: Sequence[bool] | torch.Tensor,
+    thresholds: InferenceThresholds,
+    padded_size: tuple[int, int] | None = None,
+) -> list[SemanticResult | PanopticResult | InstanceResult]:
+    """One result per image, of the type its task asks for.
+
+    outputs: the model's dict with "pred_logits" [B, Q, K+1] and "pred_masks" [B, Q, h, w] (stride 4).
+    image_sizes: (H, W) of each image inside the padded batch; original_sizes: the (H, W) to return at.
+    padded_size: (H, W) of the padded batch fed to the model; defaults to 4 x the mask size.
+    Images are processed one at a time so that only one image's Q full-size masks are alive at once.
+    """
+    class_logits, mask_logits = outputs["pred_logits"], outputs["pred_masks"]
+    batch = class_logits.shape[0]
+    if mask_logits.dim() != 4 or mask_logits.shape[:2] != class_logits.shape[:2]:
+        raise ValueError(
+            f"pred_masks must be [B, Q, h, w] matching pred_logits [B, Q, K+1], got "
+            f"{tuple(mask_logits.shape)} and {tuple(class_logits.shape)}"
+        )
+    for name, values in (("tasks", tasks), ("image_sizes", image_sizes), ("original_sizes", original_sizes)):
+        if len(values) != batch:
+            raise ValueError(f"{name} must have one entry per image ({batch}), got {len(values)}")
+    if padded_size is None:
+        padded_size = (4 * mask_logits.shape[-2], 4 * mask_logits.shape[-1])
+
+    results = []
+    for index, task in enumerate(tasks):
+        masks = resize_mask_logits(mask_logits[index], padded_size, image_sizes[index], original_sizes[index])
+        results.append(_infer_one(task, class_logits[index], masks, is_thing, thresholds))
+    return results
+
+
+def _infer_one(task, class_logits, mask_logits, is_thing, thresholds):
+    if task == "semantic":
+        return semantic_inference(class_logits, mask_logits)
+    if task == "panoptic":
+        return panoptic_inference(
+            class_logits,
+            mask_logits,
+            is_thing,
+            thresholds.object_mask_threshold,
+            thresholds.overlap_threshold,
+            thresholds.mask_probability_threshold,
+        )
+    if task == "instance":
+        return instance_inference(class_logits, mask_logits, is_thing, thresholds.instance_top_k)
+    raise ValueError(f"task must be one of {TASKS}, got {task!r}")

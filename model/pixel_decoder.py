@@ -1,0 +1,253 @@
+"""Mask2Former's multi-scale deformable-attention pixel decoder, as OneFormer uses it.
+
+res3..res5 are projected to `conv_dim` channels (1x1 conv + GroupNorm), flattened into one token sequence
+(coarsest level first) and refined by a Deformable-DETR encoder; one FPN step then adds res2, and a 1x1 conv
+makes the stride-4 mask features. Returns the mask features and the three encoder maps ordered 1/32, 1/16,
+1/8 for the transformer decoder.
+
+Where the public implementations differ (and what we follow):
+- The official code runs this block in fp32 (its CUDA op has no half precision); we run in the caller's
+  dtype, the kernels handle it.
+- Hugging Face applies dropout whenever its config says `is_training`, even in eval mode, and clamps
+  non-finite activations in training; we follow the official code: dropout follows `module.training`, no clamp.
+- Hugging Face keeps `level_embed` on the pixel decoder, the official code on its encoder wrapper; we keep it
+  here (`PixelDecoder.level_embed`), same shape [3, conv_dim].
+- The official code passes an all-false padding mask, so the valid ratios are all 1; we compute the
+  Deformable-DETR reference points with those ratios (images are padded by the caller, not masked).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.ms_deform_attn import ms_deform_attn
+from model.layers import sine_position_encoding
+
+NUM_ENCODER_LEVELS = 3
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Deformable DETR's attention: each query samples `num_points` points per head and level around its
+    reference point and mixes them with softmax weights. `backend` picks the kernel (None: Triton on CUDA,
+    the PyTorch reference otherwise)."""
+
+    def __init__(
+        self, embed_dim: int, num_heads: int, num_levels: int, num_points: int, backend: str | None = None
+    ):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+        self.backend = backend
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Deformable DETR's init: zero offsets whose bias fans the points out along 8 directions per head,
+        uniform attention, Xavier projections."""
+        nn.init.zeros_(self.sampling_offsets.weight)
+        if self.sampling_offsets.weight.is_meta:
+            return
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        grid = directions.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value_input: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """query [B, Lq, C] (with position), reference_points [B, Lq, L, 2] in [0, 1] (x, y),
+        value_input [B, Lv, C], spatial_shapes [L, 2] (h, w) -> [B, Lq, C]."""
+        batch, num_queries, _ = query.shape
+        num_values = value_input.shape[1]
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value_input).view(batch, num_values, heads, self.embed_dim // heads)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        # Offsets are in pixels of each level; normalise by (w, h) to the [0, 1] frame of the reference points.
+        normaliser = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
+        locations = (
+            reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
+        )
+        sampled = ms_deform_attn(
+            value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
+        )
+        return self.output_proj(sampled)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm encoder layer: deformable self-attention, then a ReLU FFN."""
+
+    def __init__(
+        self,
+        d_model: int,
+        ffn_dim: int,
+        dropout: float,
+        num_heads: int,
+        num_levels: int,
+        num_points: int,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        self.self_attn = MultiScaleDeformableAttention(d_model, num_heads, num_levels, num_points, backend)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, ffn_dim)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, d_model)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index) -> torch.Tensor:
+        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+        src = self.norm1(src + self.dropout1(attended))
+        hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout3(hidden))
+
+
+def encoder_reference_points(
+    spatial_shapes: list[tuple[int, int]], valid_ratios: torch.Tensor
+) -> torch.Tensor:
+    """Deformable DETR's reference points: every pixel centre of every level, normalised by the valid
+    extent of its own level and re-expressed in each level's frame -> [B, sum(h*w), L, 2] (x, y)."""
+    device, dtype = valid_ratios.device, valid_ratios.dtype
+    per_level = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        ref_y, ref_x = torch.meshgrid(
+            torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
+            torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
+            indexing="ij",
+        )
+        ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
+        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
+        per_level.append(torch.stack((ref_x, ref_y), -1))
+    reference_points = torch.cat(per_level, 1)
+    return reference_points[:, :, None] * valid_ratios[:, None]
+
+
+def conv_norm(
+    in_channels: int, out_channels: int, kernel_size: int, bias: bool, relu: bool = False
+) -> nn.Sequential:
+    """Conv2d + GroupNorm(32) (+ ReLU), Xavier-initialised like detectron2's c2_xavier_fill."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if bias:
+        nn.init.zeros_(conv.bias)
+    layers: list[nn.Module] = [conv, nn.GroupNorm(32, out_channels)]
+    if relu:
+        layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class PixelDecoder(nn.Module):
+    """MSDeformAttn pixel decoder over backbone maps res2..res5 (strides 4, 8, 16, 32).
+
+    forward(features) -> (mask_features [B, mask_dim, H/4, W/4], [res5-, res4-, res3-level maps], each
+    [B, conv_dim, h, w], ordered 1/32, 1/16, 1/8)."""
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        conv_dim: int = 256,
+        mask_dim: int = 256,
+        num_heads: int = 8,
+        ffn_dim: int = 1024,
+        dropout: float = 0.1,
+        num_layers: int = 6,
+        num_points: int = 4,
+        backend: str | None = None,
+    ):
+        super().__init__()
+        if len(in_channels) != 4:
+            raise ValueError(
+                f"in_channels must list the channels of res2..res5 (4 entries), got {in_channels}"
+            )
+        if conv_dim % 32:
+            raise ValueError(f"conv_dim must be a multiple of 32 (GroupNorm(32)), got {conv_dim}")
+        # Coarsest first: input_proj[0] takes res5, input_proj[2] takes res3.
+        self.input_proj = nn.ModuleList(
+            conv_norm(channels, conv_dim, kernel_size=1, bias=True) for channels in in_channels[:0:-1]
+        )
+        for projection in self.input_proj:
+            nn.init.xavier_uniform_(projection[0].weight, gain=1)
+        self.level_embed = nn.Parameter(torch.empty(NUM_ENCODER_LEVELS, conv_dim))
+        nn.init.normal_(self.level_embed)
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(
+                conv_dim, ffn_dim, dropout, num_heads, NUM_ENCODER_LEVELS, num_points, backend
+            )
+            for _ in range(num_layers)
+        )
+        # Xavier on every matrix of the encoder, then the deformable attention's own init, as the official code.
+        for parameter in self.layers.parameters():
+            if parameter.dim() > 1 and not parameter.is_meta:
+                nn.init.xavier_uniform_(parameter)
+        for module in self.layers.modules():
+            if isinstance(module, MultiScaleDeformableAttention):
+                module.reset_parameters()
+        self.lateral_conv = conv_norm(in_channels[0], conv_dim, kernel_size=1, bias=False)
+        self.output_conv = conv_norm(conv_dim, conv_dim, kernel_size=3, bias=False, relu=True)
+        self.mask_features = nn.Conv2d(conv_dim, mask_dim, kernel_size=1)
+        nn.init.kaiming_uniform_(self.mask_features.weight, a=1)
+        nn.init.zeros_(self.mask_features.bias)
+        self.conv_dim = conv_dim
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if len(features) != 4:
+            raise ValueError(f"features must be the 4 backbone maps res2..res5, got {len(features)}")
+        encoder_inputs = features[:0:-1]  # res5, res4, res3
+        sources, positions, shapes = [], [], []
+        for level, (feature, projection) in enumerate(zip(encoder_inputs, self.input_proj)):
+            batch, _, height, width = feature.shape
+            source = projection(feature)
+            position = sine_position_encoding(
+                batch, height, width, self.conv_dim // 2, feature.device, source.dtype
+            )
+            sources.append(source.flatten(2).transpose(1, 2))
+            positions.append(position.flatten(2).transpose(1, 2) + self.level_embed[level].view(1, 1, -1))
+            shapes.append((height, width))
+        src = torch.cat(sources, 1)
+        pos = torch.cat(positions, 1)
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
+        valid_ratios = torch.ones(src.shape[0], NUM_ENCODER_LEVELS, 2, dtype=src.dtype, device=src.device)
+        reference_points = encoder_reference_points(shapes, valid_ratios)
+        for layer in self.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+
+        batch = src.shape[0]
+        encoder_maps = [
+            tokens.transpose(1, 2).reshape(batch, -1, height, width)
+            for tokens, (height, width) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
+        ]
+        lateral = self.lateral_conv(features[0])
+        upsampled = F.interpolate(
+            encoder_maps[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False
+        )
+        stride4 = self.output_conv(lateral + upsampled)
+        return self.mask_features(stride4), encoder_maps

@@ -1,0 +1,132 @@
+"""The versioned shard schema (see SCHEMA.md): encoding a sample, decoding it, the manifest.
+
+Sample entries in a tar (WebDataset grouping by key):
+    <key>.image.jpg | <key>.image.png   the original image bytes, unchanged
+    <key>.seg.png                       segment-index map, 8- or 16-bit greyscale PNG (0 = void)
+    <key>.meta.json                     schema version, ids, size, and the segment table
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data.readers import ClassInfo
+from pipeline.data.targets import SegmentTable
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+IMAGE_EXTENSIONS = ("image.jpg", "image.png")
+
+
+class SchemaVersionError(RuntimeError):
+    """Shards written by another schema version than this code reads."""
+
+
+def check_schema_version(found, where: str) -> None:
+    if found != SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{where} has shard schema version {found!r}, but this code reads version {SCHEMA_VERSION}; "
+            "re-run preprocessing with this version (preprocess.overwrite: true) to rewrite the shards"
+        )
+
+
+def sample_key(image_id: str) -> str:
+    """A WebDataset key: no dots (they would split the extension) and no path separators."""
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", image_id)
+
+
+def encode_index_map(index_map: np.ndarray) -> bytes:
+    if index_map.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"index_map must be uint8 or uint16, got {index_map.dtype}")
+    buffer = io.BytesIO()
+    Image.fromarray(index_map).save(buffer, format="PNG", compress_level=1)  # L or I;16 by dtype
+    return buffer.getvalue()
+
+
+def decode_index_map(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as png:
+        png.load()
+        array = np.asarray(png)
+    return array if array.dtype in (np.uint8, np.uint16) else array.astype(np.uint16)
+
+
+def encode_sample(
+    image_id: str, image_bytes: bytes, image_ext: str, height: int, width: int,
+    index_map: np.ndarray, table: SegmentTable,
+) -> dict[str, bytes]:
+    """The tar members of one sample (key -> bytes), ready for a tar writer."""
+    meta = {
+        "schema_version": SCHEMA_VERSION,
+        "image_id": image_id,
+        "height": height,
+        "width": width,
+        "segment_ids": table.segment_ids.tolist(),
+        "classes": table.classes.tolist(),
+        "isthing": table.isthing.astype(int).tolist(),
+        "iscrowd": table.iscrowd.astype(int).tolist(),
+    }
+    return {
+        "__key__": sample_key(image_id),
+        f"image.{image_ext}": image_bytes,
+        "seg.png": encode_index_map(index_map),
+        "meta.json": json.dumps(meta, separators=(",", ":")).encode(),
+    }
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    image_id: str
+    image: np.ndarray  # uint8 [H, W, 3] RGB
+    index_map: np.ndarray  # uint8/uint16 [H, W]
+    table: SegmentTable
+
+
+def decode_meta(raw: dict) -> dict:
+    meta = json.loads(raw["meta.json"])
+    check_schema_version(meta.get("schema_version"), f"sample {raw.get('__key__')!r} of {raw.get('__url__')}")
+    return meta
+
+
+def decode_sample(raw: dict) -> DecodedSample:
+    """A WebDataset raw sample (key -> bytes) -> arrays; raises on a corrupt member or size mismatch."""
+    meta = decode_meta(raw)
+    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image_key is None or "seg.png" not in raw:
+        raise ValueError(f"sample {raw.get('__key__')!r} lacks an image or seg.png member")
+    with Image.open(io.BytesIO(raw[image_key])) as picture:
+        image = np.asarray(picture.convert("RGB"))
+    index_map = decode_index_map(raw["seg.png"])
+    if image.shape[:2] != index_map.shape or image.shape[:2] != (meta["height"], meta["width"]):
+        raise ValueError(
+            f"sample {raw.get('__key__')!r}: image {image.shape[:2]}, seg {index_map.shape} and meta "
+            f"({meta['height']}, {meta['width']}) sizes differ"
+        )
+    table = SegmentTable(
+        segment_ids=np.asarray(meta["segment_ids"], np.int64),
+        classes=np.asarray(meta["classes"], np.int64),
+        isthing=np.asarray(meta["isthing"], bool),
+        iscrowd=np.asarray(meta["iscrowd"], bool),
+    )
+    return DecodedSample(raw["__key__"], str(meta["image_id"]), image, index_map, table)
+
+
+def read_manifest(fs, folder: str) -> dict:
+    """Load and version-check a split's manifest. `fs` is an fsspec filesystem."""
+    path = f"{folder.rstrip('/')}/{MANIFEST_NAME}"
+    if not fs.exists(path):
+        raise FileNotFoundError(f"no shard manifest at {path}: run preprocessing for this split first")
+    with fs.open(path, "r") as handle:
+        manifest = json.load(handle)
+    check_schema_version(manifest.get("schema_version"), path)
+    return manifest
+
+
+def manifest_classes(manifest: dict) -> ClassInfo:
+    return ClassInfo.from_json(manifest["classes"])

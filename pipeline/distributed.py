@@ -1,0 +1,120 @@
+"""The one place where the plain OneFormer becomes a DeepSpeed engine: parameter groups (backbone multiplier,
+no weight decay on norms, embeddings and relative position tables), AdamW, the poly/step schedule, ZeRO stage,
+precision, full-model gradient clipping, and the NaN/inf gradient handling of the official recipe."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.config import JobConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+NO_DECAY_KEYWORDS = ("relative_position_bias_table", "rpb", "level_embed", "query_embed", "query_feat",
+                     "pos_embed", "positional_embedding", "token_embedding", "context", "logit_scale")
+
+
+def configure_deepspeed_environment(use_gpu: bool) -> None:
+    """Before deepspeed is imported: its CPU accelerator when there is no GPU, and its JIT-compiled ops cached
+    under the project rather than rebuilt in every temporary Ray working directory."""
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".cache" / "torch_extensions"))
+
+
+def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
+    # Norm weights and all biases are 1-D; embeddings and position tables are named.
+    return parameter.ndim <= 1 or any(keyword in name for keyword in NO_DECAY_KEYWORDS)
+
+
+def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float, backbone_multiplier: float) -> list[dict]:
+    """AdamW groups: (backbone or not) x (decay or not); empty groups are left out."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            key = (name.startswith("backbone."), _is_no_decay(name, parameter))
+            groups.setdefault(key, []).append(parameter)
+    return [
+        {"params": params, "lr": learning_rate * (backbone_multiplier if is_backbone else 1.0),
+         "weight_decay": 0.0 if no_decay else weight_decay,
+         "name": f"{'backbone' if is_backbone else 'heads'}_{'no_decay' if no_decay else 'decay'}"}
+        for (is_backbone, no_decay), params in sorted(groups.items())
+    ]
+
+
+def learning_rate_factor(step: int, job: JobConfig) -> float:
+    """Multiplier of the base learning rate at `step` (0-based): warm-up, then poly or step decay."""
+    training = job.training
+    if step < training.warmup_steps:
+        return (step + 1) / training.warmup_steps
+    if training.schedule == "poly":
+        return (1 - min(step, training.max_steps) / training.max_steps) ** training.poly_power
+    return training.step_gamma ** sum(step >= milestone for milestone in training.step_milestones)
+
+
+def _sanitise_gradient(gradient: torch.Tensor) -> torch.Tensor:
+    # The official recipe zeroes NaN gradients and clamps inf to +-1e5 before clipping the full-model norm.
+    return torch.nan_to_num(gradient, nan=0.0, posinf=1e5, neginf=-1e5)
+
+
+def deepspeed_config(job: JobConfig) -> dict:
+    micro_batch = job.stream.batch_size
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": job.training.gradient_accumulation_steps,
+        "train_batch_size": job.training.global_batch_size,
+        "gradient_clipping": job.training.gradient_clip_norm,
+        "zero_optimization": {"stage": job.deepspeed.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # our own logging reports progress
+        "wall_clock_breakdown": False,
+    }
+    if job.deepspeed.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif job.deepspeed.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    if job.deepspeed.offload_optimizer:
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": job.scaling.use_gpu}
+    return _merged(config, job.deepspeed.extra_config)
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def wrap_with_deepspeed(model: nn.Module, job: JobConfig):
+    """DeepSpeed engine with AdamW and the schedule of the job; returns (engine, scheduler)."""
+    import deepspeed
+
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.register_hook(_sanitise_gradient)
+    groups = parameter_groups(model, job.training.learning_rate, job.training.weight_decay,
+                              job.training.backbone_lr_multiplier)
+    optimizer = torch.optim.AdamW(groups, lr=job.training.learning_rate, betas=(0.9, 0.999))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, job))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job)
+    )
+    return engine, scheduler
+
+
+def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
+    """The full model state as fp32 on rank 0 (None elsewhere). Collective under ZeRO-3, so every rank calls
+    it; there the gathered values are in the training precision (exact for fp32 training)."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        state = None if state is None or not state else state
+    else:
+        state = engine.module.state_dict() if engine.global_rank == 0 else None
+    if state is None:
+        return None
+    return {name: tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()
+            for name, tensor in state.items()}
+

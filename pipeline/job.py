@@ -1,0 +1,76 @@
+"""Run a job file: `python -m pipeline.job jobs/NAME.yaml`, or `./jobs/NAME.yaml` through its shebang, which is
+what `ray job submit --working-dir . -- ./jobs/NAME.yaml` executes on a cluster.
+
+The file is validated completely before anything starts; then the stages its kind needs run in order
+(synthetic data when asked for, shard preprocessing, training, evaluation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import JobConfig, JobConfigError, load_job
+
+log = logging.getLogger("pipeline.job")
+
+
+def ensure_synthetic_dataset(job: JobConfig) -> None:
+    """Generate the embedded dataset at data.root unless a previous run already did."""
+    from pipeline.synthetic import GeneratorSettings, generate_dataset
+
+    settings = job.synthetic_dataset
+    root = Path(job.data.root)
+    if (root / "annotations" / f"panoptic_{job.data.train_split}.json").exists():
+        log.info("synthetic dataset already at %s", root)
+        return
+    log.info("generating %d synthetic images at %s", settings.num_images, root)
+    generate_dataset(root, settings.num_images, settings.seed, settings.val_fraction,
+                     GeneratorSettings(min_size=settings.min_size, max_size=settings.max_size))
+
+
+def run_preprocess_stage(job: JobConfig) -> list[dict]:
+    from pipeline.data.preprocess import run_preprocess
+
+    summaries = run_preprocess(job.data, job.preprocess)
+    for summary in summaries:
+        print(f"shards {summary['split']}: {summary['num_samples']} samples ({summary['num_skipped']} skipped) "
+              f"in {summary['num_shards']} shards -> {summary['output']}")
+    return summaries
+
+
+def run_job(job: JobConfig) -> None:
+    if job.synthetic_dataset is not None:
+        ensure_synthetic_dataset(job)
+    if job.preprocess is not None:
+        run_preprocess_stage(job)
+    if job.kind == "train":
+        from pipeline.train import run_training
+
+        run_training(job)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a OneFormer job file.")
+    parser.add_argument("job_file", help="path of the job YAML")
+    parser.add_argument("--check", action="store_true", help="validate the file, print the resolved config, exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        job = load_job(args.job_file)
+    except JobConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
+        return 0
+    run_job(job)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

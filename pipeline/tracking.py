@@ -1,0 +1,95 @@
+"""MLflow tracking for rank 0. A tracking server that goes away costs a warning and buffered metrics, never
+the run: failed calls are kept and replayed when the server answers again."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+from pipeline.config import JobConfig
+
+log = logging.getLogger("pipeline.tracking")
+
+
+def resolve_tracking_uri(job: JobConfig) -> str:
+    """MLFLOW_TRACKING_URI in the environment wins over the job file, as MLflow users expect."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or job.tracking.tracking_uri
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class RunTracker:
+    """One MLflow run: params, tags, metrics and artifacts, with failed metric calls buffered."""
+
+    def __init__(self, job: JobConfig, tracking_uri: str, run_id: str | None = None):
+        import mlflow
+
+        self._mlflow = mlflow
+        self._pending: list[tuple[dict, int]] = []
+        if tracking_uri.startswith("sqlite:///"):
+            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_experiment(job.tracking.experiment)
+        self.run = mlflow.start_run(run_id=run_id, run_name=job.tracking.run_name or job.name)
+        if run_id is None:
+            self._log_run_description(job)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def _log_run_description(self, job: JobConfig) -> None:
+        import ray
+        import torch
+
+        flat = _flatten(job.model_dump(mode="json"))
+        self._mlflow.log_params({key: str(value)[:500] for key, value in flat.items()})
+        self._mlflow.set_tags({
+            "git_commit": _git_commit(), "torch": torch.__version__, "ray": ray.__version__,
+            "python": platform.python_version(), "ray_job_id": os.environ.get("RAY_JOB_ID", "none"),
+            "cluster_shape": f"{job.scaling.num_workers} workers x {'1 GPU' if job.scaling.use_gpu else f'{job.scaling.cpus_per_worker} CPU'}",
+        })
+        self._mlflow.log_dict(job.model_dump(mode="json"), "job_config.json")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._pending.append((metrics, step))
+        try:
+            while self._pending:
+                self._mlflow.log_metrics(*self._pending[0])
+                self._pending.pop(0)
+        except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
+            log.warning("MLflow unreachable (%s); %d metric batches buffered", err, len(self._pending))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        try:
+            self._mlflow.log_artifact(str(path), artifact_path)
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not log artifact %s to MLflow: %s", path, err)
+
+    def finish(self) -> None:
+        self.log_metrics({}, 0) if self._pending else None
+        try:
+            self._mlflow.end_run()
+        except Exception as err:  # noqa: BLE001
+            log.warning("could not close the MLflow run: %s", err)
+
+
+def _flatten(document: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in document.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,283 @@
+"""Training: a Ray Train TorchTrainer whose worker function reads only its config, builds OneFormer, wraps it
+with DeepSpeed (pipeline/distributed.py), streams the shards and runs the joint task-conditioned training.
+
+Every checkpoint holds every rank's DeepSpeed state plus each rank's data-stream position and RNG states, so
+a restarted worker group (FailureConfig) or a resubmitted job continues from `ray.train.get_checkpoint()`
+without repeating or skipping samples. Rank 0 logs to MLflow and evaluates at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import JobConfig
+from pipeline.distributed import configure_deepspeed_environment
+from pipeline.tracking import resolve_tracking_uri
+
+log = logging.getLogger("pipeline.train")
+CHECKPOINT_TAG = "state"
+
+
+def shard_folder(job: JobConfig, split: str) -> str:
+    return f"{(job.stream.shards or job.preprocess.output).rstrip('/')}/{split}"
+
+
+def read_classes(job: JobConfig):
+    import fsspec
+
+    from pipeline.data.shards import manifest_classes, read_manifest
+
+    fs, root = fsspec.core.url_to_fs(shard_folder(job, job.data.train_split))
+    return manifest_classes(read_manifest(fs, root))
+
+
+def build_training_model(job: JobConfig, num_classes: int):
+    from model import build_model
+
+    overrides = {"num_classes": num_classes, "training": True}
+    if job.model.dataset is not None:
+        overrides["dataset"] = job.model.dataset
+    if job.model.num_queries is not None:
+        overrides["num_queries"] = job.model.num_queries
+    if job.model.deform_attn_backend is not None:
+        overrides["ms_deform_attn_backend"] = job.model.deform_attn_backend
+    model = build_model(job.model.preset, **overrides)
+    if job.model.weights is not None:
+        state = torch.load(job.model.weights, map_location="cpu", weights_only=True)
+        missing, unexpected = model.load_state_dict(state.get("model", state), strict=False)
+        log.info("initialised from %s (missing %d, unexpected %d keys)", job.model.weights, len(missing), len(unexpected))
+    return model
+
+
+class Trainer:
+    """One worker's training: `train_step` is the step; `fit` runs steps, logging, checkpoints, validation."""
+
+    def __init__(self, job: JobConfig, tracking_uri: str):
+        import ray.train
+
+        from model.criterion import LossWeights, OneFormerCriterion
+        from model.matcher import HungarianMatcher
+        from pipeline.data.stream import build_train_loader
+        from pipeline.distributed import wrap_with_deepspeed
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.job = job
+        torch.manual_seed(job.training.seed)
+        self.classes = read_classes(job)
+        model = build_training_model(job, self.classes.num_classes)
+        self.criterion = OneFormerCriterion(self.classes.num_classes, HungarianMatcher())
+        self.loss_weights = LossWeights()
+        self.engine, self.scheduler = wrap_with_deepspeed(model, job)
+        self.loader = build_train_loader(job.stream, shard_folder(job, job.data.train_split), self.rank, self.world_size)
+        self.dtype = next(self.engine.module.parameters()).dtype
+        self.step = 0
+        self.tracker = None
+        self._restore(ray.train.get_checkpoint())
+        if self.rank == 0:
+            from pipeline.tracking import RunTracker
+
+            self.tracker = RunTracker(job, tracking_uri, run_id=getattr(self, "_run_id", None))
+
+    # ------------------------------------------------------------------------------------------ the step
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """Forward, loss and backward of one micro-batch; the optimizer steps on accumulation boundaries."""
+        device = self.engine.device
+        images = batch["images"].to(device=device, dtype=self.dtype)
+        outputs = self.engine(images, batch["tasks"], batch["text_tokens"].to(device))
+        targets = [{key: value.to(device) for key, value in target.items()} for target in batch["targets"]]
+        terms = self.criterion(outputs, targets)
+        loss = self._weighted(terms)
+        self.engine.backward(loss)
+        self.engine.step()
+        return {"loss": loss.item(), **self._grouped_terms(terms)}
+
+    def _weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        from model.criterion import weighted_total
+
+        return weighted_total(terms, self.loss_weights)
+
+    @staticmethod
+    def _grouped_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The final prediction's terms and the contrastive term, for logging (aux terms are in the total)."""
+        return {name: value.item() for name, value in terms.items() if name.count("_") == 1}
+
+    # ------------------------------------------------------------------------------------------ the loop
+    def fit(self) -> None:
+        accumulation = self.job.training.gradient_accumulation_steps
+        window = _ThroughputWindow()
+        batches = iter(self.loader)
+        while self.step < self.job.training.max_steps:
+            for _ in range(accumulation):
+                waited = time.perf_counter()
+                batch = next(batches)
+                window.data_wait += time.perf_counter() - waited
+                metrics = self.train_step(batch)
+                window.images += len(batch["tasks"])
+            self.step += 1
+            if self.step % self.job.training.log_every == 0 or self.step == 1:
+                self._log(metrics, window)
+                window = _ThroughputWindow()
+            if self.step % self.job.training.checkpoint_every == 0 and self.step < self.job.training.max_steps:
+                self._checkpoint({"step": self.step, **metrics})
+        final = {"step": self.step, **metrics, **self._validate()}
+        self._checkpoint(final, export_model=True)
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: v for k, v in final.items() if k != "step"}, self.step)
+            self.tracker.finish()
+
+    def _log(self, metrics: dict[str, float], window: _ThroughputWindow) -> None:
+        elapsed = time.perf_counter() - window.started
+        record = {**metrics, "learning_rate": self.scheduler.get_last_lr()[0],
+                  "images_per_second": window.images * self.world_size / max(elapsed, 1e-9),
+                  "data_wait_share": window.data_wait / max(elapsed, 1e-9),
+                  "max_rss_gb": _max_rss_gb()}
+        if torch.cuda.is_available():
+            record["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.rank == 0:
+            log.info("step %d/%d %s", self.step, self.job.training.max_steps,
+                     " ".join(f"{k}={v:.4g}" for k, v in record.items()))
+            self.tracker.log_metrics(record, self.step)
+
+    # ------------------------------------------------------------------------------------------ validation
+    def _validate(self) -> dict[str, float]:
+        """Rank 0 evaluates the consolidated model on the validation shards; the others wait."""
+        import torch.distributed as dist
+
+        from pipeline.distributed import consolidated_state_dict
+
+        state = consolidated_state_dict(self.engine)  # collective under ZeRO-3
+        summary: dict[str, float] = {}
+        if self.rank == 0:
+            summary = self._evaluate_state(state)
+            self._export_model(state)
+        if dist.is_initialized():
+            dist.barrier()
+        return summary
+
+    def _evaluate_state(self, state: dict) -> dict[str, float]:
+        from model.inference import thresholds_for
+        from pipeline.data.stream import build_eval_loader
+        from pipeline.validate import Validator
+
+        model = build_training_model(self.job, self.classes.num_classes)
+        model.load_state_dict(state)
+        model.eval()
+        validator = Validator(self.classes, thresholds_for(self.job.model.dataset or "ade20k"), self.job.evaluation.metrics)
+        loader = build_eval_loader(self.job.stream, shard_folder(self.job, self.job.data.val_split), rank=0, world_size=1)
+        for index, batch in enumerate(loader):
+            if self.job.evaluation.max_images is not None and index >= self.job.evaluation.max_images:
+                break
+            validator.add_batch(model, batch, torch.device("cpu"), torch.float32)
+        summary = {f"val/{key}": value for key, value in validator.compute().items()}
+        log.info("validation: %s", " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
+        return summary
+
+    def _export_model(self, state: dict) -> None:
+        """A consolidated fp32 model file that model/ loads without DeepSpeed."""
+        path = Path(tempfile.mkdtemp()) / "model.pt"
+        torch.save({"model": state, "classes": self.classes.to_json(), "preset": self.job.model.preset}, path)
+        self.tracker.log_artifact(path, "model")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _checkpoint(self, metrics: dict, export_model: bool = False) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
+            torch.save({"step": self.step, "loader": self.loader.state_dict(), "rng": _rng_state(),
+                        "run_id": self.tracker.run_id if self.tracker else None},
+                       Path(folder) / f"trainer_rank{self.rank}.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def _restore(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        with checkpoint.as_directory() as folder:
+            self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+            state = torch.load(Path(folder) / f"trainer_rank{self.rank}.pt", weights_only=False)
+            rank0 = torch.load(Path(folder) / "trainer_rank0.pt", weights_only=False)
+        self.step = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        _set_rng_state(state["rng"])
+        self._run_id = rank0["run_id"]
+        log.info("rank %d resumed at step %d", self.rank, self.step)
+
+
+class _ThroughputWindow:
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.images = 0
+        self.data_wait = 0.0
+
+
+def _max_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+def train_worker(config: dict) -> None:
+    """The Ray Train worker function: reads only its config."""
+    job = JobConfig.model_validate(config["job"])
+    configure_deepspeed_environment(job.scaling.use_gpu)
+    torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+    Trainer(job, config["tracking_uri"]).fit()
+
+
+def run_training(job: JobConfig):
+    """Driver side: start (or join) Ray and run the TorchTrainer; prints the final metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    configure_deepspeed_environment(job.scaling.use_gpu)
+    if not ray.is_initialized():
+        ray.init(address=job.scaling.ray_address, include_dashboard=False)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job)},
+        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
+                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=job.name, storage_path=job.scaling.storage_path,
+            failure_config=FailureConfig(max_failures=job.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    _print_results(job, result)
+    return result
+
+
+def _print_results(job: JobConfig, result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{job.name}: final metrics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in sorted((result.metrics or {}).items()):
+        if isinstance(value, int | float):
+            table.add_row(key, f"{value:.4g}")
+    Console().print(table)
+    print(f"checkpoints: {result.path}")
+    print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")

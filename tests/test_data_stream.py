@@ -1,0 +1,153 @@
+"""Streams: disjoint node/worker splits, deterministic and resumable training streams, augmentation
+geometry, evaluation at original size, corrupt samples skipped and counted."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data.augment import PIXEL_MEAN
+from pipeline.data.preprocess import run_preprocess
+from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
+from pipeline.data.stream import PanopticShardStream, build_eval_loader, build_train_loader
+from pipeline.synthetic import generate_dataset
+
+NUM_TRAIN = 10
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    generate_dataset(root / "raw", num_images=12, seed=4, val_fraction=1 / 6)
+    dataset = DatasetSettings(format="custom_coco_panoptic", root=str(root / "raw"))
+    for name, megabytes in (("many", 0.05), ("one", 100.0)):
+        run_preprocess(dataset, PreprocessSettings(
+            output=str(root / name), target_shard_mb=megabytes, executor="local", show_progress=False))
+    return root
+
+
+def _settings(**overrides):
+    values = dict(augmentation="ade20k", crop_size=96, batch_size=2, loader_workers=2, num_queries=20,
+                  shuffle_buffer=4, seed=7)
+    return StreamSettings(**{**values, **overrides})
+
+
+def _batches(loader, count):
+    return list(islice(iter(loader), count))
+
+
+@pytest.mark.parametrize("layout", ["many", "one"])  # split by shard, and by sample when shards are scarce
+def test_two_nodes_two_workers_see_disjoint_samples_covering_the_split(shards, layout):
+    seen = []
+    for rank in range(2):
+        loader = build_eval_loader(_settings(), str(shards / layout / "train"), rank=rank, world_size=2)
+        seen.append([image_id for batch in loader for image_id in batch["image_ids"]])
+        assert len({b for b in loader.positions}) == 2  # both workers of the rank contributed
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == sorted({*seen[0], *seen[1]}) and len(seen[0] + seen[1]) == NUM_TRAIN
+
+
+def test_training_batches_follow_the_contract(shards):
+    settings = _settings(loader_workers=0, batch_size=3)
+    batch = next(iter(build_train_loader(settings, str(shards / "many" / "train"))))
+    images, targets = batch["images"], batch["targets"]
+    assert images.dtype == torch.float32 and images.shape == (3, 3, 96, 96)
+    assert batch["text_tokens"].shape == (3, settings.num_text_slots, 77) and batch["text_tokens"].dtype == torch.int64
+    assert set(batch["tasks"]) <= {"semantic", "instance", "panoptic"} and len(batch["tasks"]) == 3
+    for target, (height, width), image in zip(targets, batch["image_sizes"], images):
+        assert target["labels"].dtype == torch.int64 and target["masks"].dtype == torch.bool
+        assert target["masks"].shape == (len(target["labels"]), 96, 96)
+        assert not target["masks"][:, height:].any() and not target["masks"][:, :, width:].any()
+        padding = image[:, height:, :]  # rows below the crop carry the pad value
+        assert torch.allclose(padding, torch.tensor(PIXEL_MEAN).view(3, 1, 1).expand_as(padding))
+
+
+def test_stream_is_deterministic_and_seed_dependent(shards):
+    folder = str(shards / "many" / "train")
+    first, second = (_batches(build_train_loader(_settings(), folder), 3) for _ in range(2))
+    other = _batches(build_train_loader(_settings(seed=8), folder), 3)
+    for a, b in zip(first, second):
+        assert a["image_ids"] == b["image_ids"] and a["tasks"] == b["tasks"]
+        assert torch.equal(a["images"], b["images"])
+    assert any(not torch.equal(a["images"], c["images"]) for a, c in zip(first, other))
+
+
+def test_resume_mid_epoch_neither_repeats_nor_skips(shards):
+    folder = str(shards / "many" / "train")
+    reference = _batches(build_train_loader(_settings(), folder), 9)  # crosses into the second epoch
+    interrupted = build_train_loader(_settings(), folder)
+    _batches(interrupted, 4)
+    state = interrupted.state_dict()
+    resumed = build_train_loader(_settings(), folder)
+    resumed.load_state_dict(state)
+    for want, got in zip(reference[4:], _batches(resumed, 5)):
+        assert want["image_ids"] == got["image_ids"] and want["tasks"] == got["tasks"]
+        assert torch.equal(want["images"], got["images"])
+        assert all(torch.equal(w["masks"], g["masks"]) for w, g in zip(want["targets"], got["targets"]))
+    with pytest.raises(ValueError, match="layout"):
+        build_train_loader(_settings(loader_workers=1), folder).load_state_dict(state)
+
+
+@pytest.mark.parametrize("preset,crop", [("ade20k", (96, 96)), ("cityscapes", (64, 128)), ("coco_lsj", (128, 128))])
+def test_augmentation_keeps_image_and_targets_aligned(shards, preset, crop):
+    stream = PanopticShardStream(
+        str(shards / "many" / "train"), training=True, batch_size=1, num_text_slots=8, repeat=False,
+        augment_params=__import__("pipeline.data.stream", fromlist=["x"]).augment_params_from_settings(
+            _settings(augmentation=preset, crop_size=crop)),
+        image_pad_value=(0.0, 0.0, 0.0),
+    )
+    for batch in stream:
+        (height, width), masks = batch["image_sizes"][0], batch["targets"][0]["masks"]
+        assert height <= crop[0] and width <= crop[1]
+        if preset != "coco_lsj":  # ADE20K/Cityscapes short side >= half the base: crop is never starved
+            assert min(height, width) >= min(crop) // 2
+        if batch["tasks"][0] == "panoptic":  # panoptic masks never overlap
+            assert masks.sum(0).max() <= 1
+        assert masks.shape[1:] == batch["images"].shape[2:]
+
+
+def test_corrupt_sample_is_skipped_and_counted(shards, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "train"
+    shutil.copytree(shards / "one" / "train", folder)
+    tar_path = folder / "train-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(tar_path, "w") as tar:
+        for index, (member, data) in enumerate(members):
+            data = b"\xff\xd8broken" if index == 0 and member.name.endswith("image.jpg") else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    loader = build_eval_loader(_settings(loader_workers=0), str(folder))
+    with caplog.at_level("WARNING"):
+        ids = [i for batch in loader for i in batch["image_ids"]]
+    assert len(ids) == NUM_TRAIN - 1 and loader.num_skipped == 1
+    assert "skipping unreadable sample" in caplog.text
+
+
+def test_eval_stream_keeps_original_sizes_and_annotations(shards):
+    loader = build_eval_loader(_settings(loader_workers=0), str(shards / "many" / "val"))
+    batches = list(loader)
+    assert len(batches) == 2
+    for batch in batches:
+        height, width = batch["image_sizes"][0]
+        assert batch["index_maps"][0].shape == (height, width)
+        assert 160 <= height <= 320 and 160 <= width <= 320
+        assert int(batch["index_maps"][0].max()) == len(batch["segments"][0])
+        assert np.all(batch["images"][0, :, height:, :].numpy() == np.array(PIXEL_MEAN, np.float32)[:, None, None])
+
+
+def test_colour_lookup_tables_equal_float_arithmetic():
+    from pipeline.data.augment import _convert
+
+    values = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    for alpha, beta in ((1.4, -20.0), (0.6, 0.0), (1.0, 31.5)):
+        want = np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+        assert np.array_equal(_convert(values, alpha, beta), want)
+        assert np.array_equal(_convert(values[..., 1], alpha, beta), want[..., 1])

@@ -1,0 +1,230 @@
+"""Post-processing on hand-built logits whose answers are known, plus the vectorised panoptic path against a
+loop that follows the official OneFormer code line by line."""
+
+import pytest
+import torch
+
+from model.inference import (
+    InferenceThresholds,
+    InstanceResult,
+    PanopticResult,
+    SemanticResult,
+    instance_inference,
+    panoptic_inference,
+    postprocess,
+    resize_mask_logits,
+    semantic_inference,
+    thresholds_for,
+)
+
+BIG = 12.0  # a logit whose sigmoid / softmax share is ~1
+
+
+def class_logits_for(labels, num_classes, strength=BIG):
+    """One row per query, all mass on its label (num_classes means no-object)."""
+    logits = torch.zeros(len(labels), num_classes + 1)
+    logits[torch.arange(len(labels)), torch.tensor(labels)] = strength
+    return logits
+
+
+def column_masks(columns_per_query, height, width, inside=BIG, outside=-BIG):
+    masks = torch.full((len(columns_per_query), height, width), outside)
+    for query, columns in enumerate(columns_per_query):
+        masks[query][:, columns] = inside
+    return masks
+
+
+def test_semantic_argmax_and_score_formula():
+    class_logits = class_logits_for([0, 1, 2], num_classes=3)
+    class_logits[2] = torch.tensor([0.0, 0.0, 0.0, BIG])  # mostly no-object: contributes almost nothing
+    mask_logits = column_masks([[0, 1], [2, 3], [0, 1, 2, 3]], height=2, width=4)
+    result = semantic_inference(class_logits, mask_logits)
+
+    assert result.scores.shape == (3, 2, 4)
+    assert result.labels.tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+    class_probs = class_logits.softmax(-1)[:, :3]
+    expected = (class_probs[:, :, None, None] * mask_logits.sigmoid()[:, None]).sum(0)
+    torch.testing.assert_close(result.scores, expected)
+
+
+def panoptic_scene(stuff_score_logit):
+    """Eight columns of four rows; class 0 is a thing, 1 and 2 are stuff.
+
+    q0 thing on cols 0-1; q1 and q2 stuff class 1 on cols 2-3 and 4-5 (must merge); q3 class 2 on col 6 with
+    a class probability of 0.6 (kept or dropped by the threshold); q4 no-object on col 7; q5 a confident
+    thing whose mask (prob 0.7 on cols 0-2 and 7) wins only col 7: 1/4 of its area, so the overlap test
+    drops it and col 7 turns void.
+    """
+    class_logits = class_logits_for([0, 1, 1, 2, 3, 0], num_classes=3)
+    class_logits[3] = torch.tensor([0.0, 0.0, stuff_score_logit, 0.0])
+    mask_logits = column_masks([[0, 1], [2, 3], [4, 5], [6], [7], [0, 1, 2, 7]], height=4, width=8)
+    mask_logits[5][:, [0, 1, 2, 7]] = torch.logit(torch.tensor(0.7))
+    return class_logits, mask_logits
+
+
+def test_panoptic_threshold_overlap_merge_and_void():
+    prob_06 = torch.log(torch.tensor(4.5)).item()  # e^x / (e^x + 3) = 0.6
+    class_logits, mask_logits = panoptic_scene(prob_06)
+    result = panoptic_inference(class_logits, mask_logits, [True, False, False], object_mask_threshold=0.8)
+
+    assert result.segment_ids.dtype == torch.int32
+    assert result.segment_ids[0].tolist() == [1, 1, 2, 2, 2, 2, 0, 0]
+    assert (result.segment_ids == result.segment_ids[0]).all()
+    assert [(s.id, s.category_id, s.isthing) for s in result.segments_info] == [(1, 0, True), (2, 1, False)]
+    assert result.segments_info[0].score == pytest.approx(class_logits[0].softmax(-1).max().item())
+
+    lower = panoptic_inference(class_logits, mask_logits, [True, False, False], object_mask_threshold=0.5)
+    assert lower.segment_ids[0].tolist() == [1, 1, 2, 2, 2, 2, 3, 0]
+    assert (lower.segments_info[2].id, lower.segments_info[2].category_id) == (3, 2)
+    assert lower.segments_info[2].score == pytest.approx(0.6, abs=1e-6)
+
+
+def test_panoptic_overlap_threshold_is_what_drops_the_weak_segment():
+    class_logits, mask_logits = panoptic_scene(0.0)
+    result = panoptic_inference(
+        class_logits, mask_logits, [True, False, False], object_mask_threshold=0.8, overlap_threshold=0.25
+    )
+    assert result.segment_ids[0].tolist() == [1, 1, 2, 2, 2, 2, 0, 3]
+    assert (result.segments_info[-1].category_id, result.segments_info[-1].isthing) == (0, True)
+
+
+def test_panoptic_all_void_when_nothing_is_confident():
+    class_logits = class_logits_for([3, 3], num_classes=3)
+    result = panoptic_inference(class_logits, torch.randn(2, 3, 5), [True, False, False], 0.8)
+    assert result.segments_info == []
+    assert result.segment_ids.shape == (3, 5) and (result.segment_ids == 0).all()
+
+
+def official_panoptic_loop(class_logits, mask_logits, is_thing, object_mask_threshold, overlap_threshold):
+    """The official OneFormer panoptic_inference, written as its loop over kept queries."""
+    num_classes = class_logits.shape[1] - 1
+    scores, labels = class_logits.softmax(-1).max(-1)
+    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    masks = mask_logits.sigmoid()[keep]
+    labels = labels[keep]
+    segment_ids = torch.zeros(mask_logits.shape[-2:], dtype=torch.int32)
+    info, stuff_ids, current = [], {}, 0
+    if labels.numel() == 0:
+        return segment_ids, info
+    winner = (scores[keep][:, None, None] * masks).argmax(0)
+    for k in range(labels.numel()):
+        label = int(labels[k])
+        won = (winner == k).sum().item()
+        own = (masks[k] >= 0.5).sum().item()
+        region = (winner == k) & (masks[k] >= 0.5)
+        if won == 0 or own == 0 or region.sum() == 0 or won / own < overlap_threshold:
+            continue
+        if not is_thing[label]:
+            if label in stuff_ids:
+                segment_ids[region] = stuff_ids[label]
+                continue
+            stuff_ids[label] = current + 1
+        current += 1
+        segment_ids[region] = current
+        info.append((current, label, bool(is_thing[label])))
+    return segment_ids, info
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_panoptic_matches_official_loop_on_random_logits(seed):
+    generator = torch.Generator().manual_seed(seed)
+    num_queries, num_classes = 12, 4
+    class_logits = torch.randn(num_queries, num_classes + 1, generator=generator) * 4
+    # Blocky masks so that queries genuinely overlap and compete.
+    coarse = torch.randn(num_queries, 1, 4, 5, generator=generator) * 3
+    mask_logits = torch.nn.functional.interpolate(coarse, size=(16, 20), mode="nearest")[:, 0]
+    is_thing = [True, False, True, False]
+    expected_ids, expected_info = official_panoptic_loop(class_logits, mask_logits, is_thing, 0.5, 0.8)
+    result = panoptic_inference(class_logits, mask_logits, is_thing, 0.5, 0.8)
+    assert torch.equal(result.segment_ids, expected_ids)
+    assert [(s.id, s.category_id, s.isthing) for s in result.segments_info] == expected_info
+
+
+def test_instance_top_k_thing_filter_and_score():
+    # Class probabilities: (q2, stuff class 2) is the best pair but stuff is never an instance.
+    class_logits = torch.tensor(
+        [
+            [4.0, 1.0, -9.0, 0.0],
+            [-9.0, 3.0, -9.0, 0.0],
+            [-9.0, -9.0, 6.0, 0.0],
+        ]
+    )
+    mask_logits = torch.tensor(
+        [
+            [[2.0, 1.0], [-1.0, -3.0]],
+            [[-2.0, 0.5], [0.5, 0.5]],
+            [[5.0, 5.0], [5.0, 5.0]],
+        ]
+    )
+    is_thing = [True, True, False]
+    probs = class_logits.softmax(-1)[:, :3]
+    result = instance_inference(class_logits, mask_logits, is_thing, top_k=3)
+
+    # Top 3 pairs, best first: (q2,c2) stuff dropped, (q1,c1), (q0,c0); (q0,c1) is fourth and left out.
+    assert result.labels.tolist() == [1, 0]
+    assert result.masks.dtype == torch.bool
+    assert result.masks.tolist() == [[[False, True], [True, True]], [[True, True], [False, False]]]
+    mean_q0 = (torch.sigmoid(torch.tensor(2.0)) + torch.sigmoid(torch.tensor(1.0))) / 2
+    mean_q1 = torch.sigmoid(torch.tensor(0.5))
+    expected = torch.stack([probs[1, 1] * mean_q1, probs[0, 0] * mean_q0])
+    torch.testing.assert_close(result.scores, expected, rtol=1e-5, atol=1e-6)
+
+    everything = instance_inference(class_logits, mask_logits, is_thing, top_k=1000)
+    assert everything.masks.shape == (6, 2, 2)  # all Q x K pairs, thing classes only
+    assert sorted(everything.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+
+
+def test_resize_crops_padding_before_resizing_to_original_size():
+    # Stride-4 logits 4 x 4 of a 16 x 16 padded batch; the image is the top 8 rows. Left half positive,
+    # right half negative; the bottom (padding) rows are positive and must not leak into the right half.
+    logits = torch.tensor([[5.0, 5.0, -5.0, -5.0]]).repeat(4, 1)
+    logits[2:] = 5.0
+    resized = resize_mask_logits(logits[None], padded_size=(16, 16), image_size=(8, 16), original_size=(12, 20))
+    assert resized.shape == (1, 12, 20)
+    assert (resized[0, :, :10] > 0).all()
+    # Only the last image rows blend with the padding, and only next to the column boundary.
+    assert (resized[0, :, 12:] < 0).all() and (resized[0, :10, 10:] < 0).all()
+
+
+def test_postprocess_batch_returns_original_size_per_task():
+    class_logits = class_logits_for([0, 1], num_classes=2)[None].repeat(3, 1, 1)
+    masks = column_masks([[0], [1, 2, 3]], height=4, width=4)[None].repeat(3, 1, 1, 1)
+    outputs = {"pred_logits": class_logits, "pred_masks": masks}
+    results = postprocess(
+        outputs,
+        ["semantic", "panoptic", "instance"],
+        image_sizes=[(16, 16)] * 3,
+        original_sizes=[(8, 8), (32, 24), (5, 7)],
+        is_thing=[True, False],
+        thresholds=thresholds_for("coco"),
+    )
+    assert isinstance(results[0], SemanticResult) and results[0].labels.shape == (8, 8)
+    assert (results[0].labels[:, :2] == 0).all() and (results[0].labels[:, 2:] == 1).all()
+    assert isinstance(results[1], PanopticResult) and results[1].segment_ids.shape == (32, 24)
+    assert [s.category_id for s in results[1].segments_info] == [0, 1]
+    assert isinstance(results[2], InstanceResult) and results[2].masks.shape[1:] == (5, 7)
+    assert results[2].labels.tolist() == [0, 0]  # both queries paired with the only thing class
+
+
+def test_bad_inputs_name_themselves():
+    with pytest.raises(ValueError, match="dataset"):
+        thresholds_for("pascal")
+    with pytest.raises(ValueError, match="instance_top_k"):
+        InferenceThresholds(object_mask_threshold=0.5, instance_top_k=0)
+    with pytest.raises(ValueError, match="is_thing"):
+        panoptic_inference(torch.zeros(2, 4), torch.zeros(2, 3, 3), [True], 0.5)
+    outputs = {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": torch.zeros(1, 2, 4, 4)}
+    with pytest.raises(ValueError, match="task"):
+        postprocess(outputs, ["depth"], [(16, 16)], [(16, 16)], [True, False], thresholds_for("ade20k"))
+    with pytest.raises(ValueError, match="original_sizes"):
+        postprocess(outputs, ["semantic"], [(16, 16)], [], [True, False], thresholds_for("ade20k"))
+
+
+@pytest.mark.parametrize(
+    ("dataset", "object_threshold", "top_k"),
+    [("ade20k", 0.5, 250), ("ade20k_1280", 0.5, 250), ("coco", 0.8, 150), ("cityscapes", 0.8, 250)],
+)
+def test_official_thresholds_per_dataset(dataset, object_threshold, top_k):
+    thresholds = thresholds_for(dataset)
+    assert (thresholds.object_mask_threshold, thresholds.instance_top_k) == (object_threshold, top_k)
+    assert thresholds.overlap_threshold == 0.8
