@@ -17,7 +17,7 @@ Configurations:
 - small: the full-width heads (256, 6 pixel-decoder layers, 9 decoder layers, 150 queries, 133 classes as
   COCO) on Swin-T (96..768, depths 2,2,6,2, window 7), 256 x 256 images.
 
-    .venv/bin/python benchmarks/bench_model_vs_transformers.py [--configs tiny small] [--steps 3] [--batch 2]
+    .venv/bin/python benchmarks/bench_model_vs_transformers.py [--configs tiny small] [--steps 3] [--batch 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -236,7 +236,9 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["tiny", "small"])
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per process; more than the free cores makes OpenMP spin and the "
+                             "timings swing by 10x or more on a shared machine")  # fmt: skip
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -283,7 +283,7 @@ def _check_inputs_exist(job: JobConfig, source: str) -> None:
         "model.weights": job.model and job.model.weights,
         "model.backbone_weights": job.model and job.model.backbone_weights,
     }
-    if job.data is not None and job.synthetic_dataset is None and job.kind == "preprocess":
+    if job.preprocess is not None and job.synthetic_dataset is None:
         inputs["data.root"] = job.data.root
     for key, path in inputs.items():
         if path and "://" not in path and not os.path.exists(path):

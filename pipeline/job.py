@@ -43,15 +43,34 @@ def run_preprocess_stage(job: JobConfig) -> list[dict]:
     return summaries
 
 
+def _connect_ray(job: JobConfig) -> bool:
+    """One Ray connection for every stage of the job; True when this process started Ray."""
+    import ray
+
+    uses_ray = job.kind == "train" or job.preprocess.executor == "ray"
+    if not uses_ray or ray.is_initialized():
+        return False
+    address = job.scaling.ray_address if job.kind == "train" else job.preprocess.ray_address
+    ray.init(address=address)
+    return True
+
+
 def run_job(job: JobConfig) -> None:
     if job.synthetic_dataset is not None:
         ensure_synthetic_dataset(job)
-    if job.preprocess is not None:
-        run_preprocess_stage(job)
-    if job.kind == "train":
-        from pipeline.train import run_training
+    started_ray = _connect_ray(job)
+    try:
+        if job.preprocess is not None:
+            run_preprocess_stage(job)
+        if job.kind == "train":
+            from pipeline.train import run_training
 
-        run_training(job)
+            run_training(job)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,10 +36,8 @@ class RunTracker:
 
         self._mlflow = mlflow
         self._pending: list[tuple[dict, int]] = []
-        if tracking_uri.startswith("sqlite:///"):
-            Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(job.tracking.experiment)
+        _ensure_experiment(mlflow, tracking_uri, job.tracking.experiment)
         self.run = mlflow.start_run(run_id=run_id, run_name=job.tracking.run_name or job.name)
         if run_id is None:
             self._log_run_description(job)
@@ -82,6 +80,23 @@ class RunTracker:
             self._mlflow.end_run()
         except Exception as err:  # noqa: BLE001
             log.warning("could not close the MLflow run: %s", err)
+
+
+def _ensure_experiment(mlflow, tracking_uri: str, name: str) -> None:
+    """Select the experiment, creating it first if needed. A database store's default artifact root is
+    relative to the current directory, which for a Ray worker is a temporary folder: artifacts of a local
+    SQLite store go beside the database instead."""
+    if mlflow.get_experiment_by_name(name) is None:
+        artifact_location = None
+        if tracking_uri.startswith("sqlite:///"):
+            database = Path(tracking_uri.removeprefix("sqlite:///"))
+            database.parent.mkdir(parents=True, exist_ok=True)
+            artifact_location = (database.parent / "artifacts").resolve().as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=artifact_location)
+        except mlflow.exceptions.MlflowException:
+            pass  # another process created it first
+    mlflow.set_experiment(name)
 
 
 def _flatten(document: dict, prefix: str = "") -> dict:

@@ -87,8 +87,9 @@ class Trainer:
             self.tracker = RunTracker(job, tracking_uri, run_id=getattr(self, "_run_id", None))
 
     # ------------------------------------------------------------------------------------------ the step
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """Forward, loss and backward of one micro-batch; the optimizer steps on accumulation boundaries."""
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward, loss and backward of one micro-batch; the optimizer steps on accumulation boundaries.
+        Returns detached tensors: converting them to numbers is a host sync, left to the logging steps."""
         device = self.engine.device
         images = batch["images"].to(device=device, dtype=self.dtype)
         outputs = self.engine(images, batch["tasks"], batch["text_tokens"].to(device))
@@ -97,7 +98,7 @@ class Trainer:
         loss = self._weighted(terms)
         self.engine.backward(loss)
         self.engine.step()
-        return {"loss": loss.item(), **self._grouped_terms(terms)}
+        return {"loss": loss.detach(), **self._grouped_terms(terms)}
 
     def _weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         from model.criterion import weighted_total
@@ -105,9 +106,9 @@ class Trainer:
         return weighted_total(terms, self.loss_weights)
 
     @staticmethod
-    def _grouped_terms(terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    def _grouped_terms(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The final prediction's terms and the contrastive term, for logging (aux terms are in the total)."""
-        return {name: value.item() for name, value in terms.items() if name.count("_") == 1}
+        return {name: value.detach() for name, value in terms.items() if name.count("_") == 1}
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -119,19 +120,33 @@ class Trainer:
                 waited = time.perf_counter()
                 batch = next(batches)
                 window.data_wait += time.perf_counter() - waited
-                metrics = self.train_step(batch)
+                step_terms = self.train_step(batch)
                 window.images += len(batch["tasks"])
             self.step += 1
+            metrics = {name: value.item() for name, value in step_terms.items()} if self._is_reporting_step() else {}
             if self.step % self.job.training.log_every == 0 or self.step == 1:
                 self._log(metrics, window)
                 window = _ThroughputWindow()
-            if self.step % self.job.training.checkpoint_every == 0 and self.step < self.job.training.max_steps:
+            if self.step < self.job.training.max_steps and self._is_validation_step():
+                validation = self._validate(export=False)
+                if self.tracker is not None:
+                    self.tracker.log_metrics(validation, self.step)
+                self._checkpoint({"step": self.step, **metrics, **validation})
+            elif self.step % self.job.training.checkpoint_every == 0 and self.step < self.job.training.max_steps:
                 self._checkpoint({"step": self.step, **metrics})
-        final = {"step": self.step, **metrics, **self._validate()}
-        self._checkpoint(final, export_model=True)
+        final = {"step": self.step, **metrics, **self._validate(export=True)}
+        self._checkpoint(final)
         if self.tracker is not None:
             self.tracker.log_metrics({k: v for k, v in final.items() if k != "step"}, self.step)
             self.tracker.finish()
+
+    def _is_validation_step(self) -> bool:
+        return self.job.training.eval_every is not None and self.step % self.job.training.eval_every == 0
+
+    def _is_reporting_step(self) -> bool:
+        training = self.job.training
+        return (self.step % training.log_every == 0 or self.step == 1 or self.step % training.checkpoint_every == 0
+                or self.step == training.max_steps or self._is_validation_step())
 
     def _log(self, metrics: dict[str, float], window: _ThroughputWindow) -> None:
         elapsed = time.perf_counter() - window.started
@@ -147,8 +162,9 @@ class Trainer:
             self.tracker.log_metrics(record, self.step)
 
     # ------------------------------------------------------------------------------------------ validation
-    def _validate(self) -> dict[str, float]:
-        """Rank 0 evaluates the consolidated model on the validation shards; the others wait."""
+    def _validate(self, export: bool) -> dict[str, float]:
+        """Rank 0 evaluates the consolidated model on the validation shards (and exports it as a plain model
+        file when `export`); the others wait."""
         import torch.distributed as dist
 
         from pipeline.distributed import consolidated_state_dict
@@ -157,7 +173,8 @@ class Trainer:
         summary: dict[str, float] = {}
         if self.rank == 0:
             summary = self._evaluate_state(state)
-            self._export_model(state)
+            if export:
+                self._export_model(state)
         if dist.is_initialized():
             dist.barrier()
         return summary
@@ -187,7 +204,7 @@ class Trainer:
         self.tracker.log_artifact(path, "model")
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, metrics: dict, export_model: bool = False) -> None:
+    def _checkpoint(self, metrics: dict) -> None:
         import ray.train
 
         with tempfile.TemporaryDirectory() as folder:
@@ -251,7 +268,7 @@ def run_training(job: JobConfig):
 
     configure_deepspeed_environment(job.scaling.use_gpu)
     if not ray.is_initialized():
-        ray.init(address=job.scaling.ray_address, include_dashboard=False)
+        ray.init(address=job.scaling.ray_address)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job)},

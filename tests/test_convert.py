@@ -131,7 +131,7 @@ def test_training_model_gets_a_fresh_text_mapper_and_says_so(converted, caplog):
         trainable.transformer_decoder.class_embed.weight, model.transformer_decoder.class_embed.weight
     )
     # The contrastive temperature is the one weight of the HF loss module that carries over.
-    torch.testing.assert_close(trainable.text_mapper.logit_scale.detach().reshape(()), hf_model.criterion.logit_scale.detach())
+    torch.testing.assert_close(trainable.text_mapper.logit_scale.detach().reshape(()), hf_model.criterion.logit_scale.detach().float())
 
 
 def test_unplaceable_weight_is_an_error(converted, tmp_path):
