@@ -38,8 +38,9 @@ def read_classes(job: JobConfig):
     return manifest_classes(read_manifest(fs, root))
 
 
-def build_training_model(job: JobConfig, num_classes: int):
-    from model import build_model
+def training_model_config(job: JobConfig, num_classes: int):
+    """The OneFormerConfig of the job's model (with the text mapper, for the contrastive loss)."""
+    from model import make_config
 
     overrides = {"num_classes": num_classes, "training": True}
     if job.model.dataset is not None:
@@ -48,7 +49,13 @@ def build_training_model(job: JobConfig, num_classes: int):
         overrides["num_queries"] = job.model.num_queries
     if job.model.deform_attn_backend is not None:
         overrides["ms_deform_attn_backend"] = job.model.deform_attn_backend
-    model = build_model(job.model.preset, **overrides)
+    return make_config(job.model.preset, **overrides)
+
+
+def build_training_model(job: JobConfig, num_classes: int):
+    from model.convert import build_from_config
+
+    model = build_from_config(training_model_config(job, num_classes))
     if job.model.weights is not None:
         state = torch.load(job.model.weights, map_location="cpu", weights_only=True)
         missing, unexpected = model.load_state_dict(state.get("model", state), strict=False)
@@ -134,10 +141,10 @@ class Trainer:
                 self._checkpoint({"step": self.step, **metrics, **validation})
             elif self.step % self.job.training.checkpoint_every == 0 and self.step < self.job.training.max_steps:
                 self._checkpoint({"step": self.step, **metrics})
-        final = {"step": self.step, **metrics, **self._validate(export=True)}
-        self._checkpoint(final)
+        validation = self._validate(export=True)
+        self._checkpoint({"step": self.step, **metrics, **validation})
         if self.tracker is not None:
-            self.tracker.log_metrics({k: v for k, v in final.items() if k != "step"}, self.step)
+            self.tracker.log_metrics(validation, self.step)
             self.tracker.finish()
 
     def _is_validation_step(self) -> bool:
@@ -198,10 +205,17 @@ class Trainer:
         return summary
 
     def _export_model(self, state: dict) -> None:
-        """A consolidated fp32 model file that model/ loads without DeepSpeed."""
-        path = Path(tempfile.mkdtemp()) / "model.pt"
-        torch.save({"model": state, "classes": self.classes.to_json(), "preset": self.job.model.preset}, path)
-        self.tracker.log_artifact(path, "model")
+        """A consolidated fp32 model file that `model.convert.load_checkpoint` loads without DeepSpeed, and
+        the class metadata beside it."""
+        import dataclasses
+        import json
+
+        folder = Path(tempfile.mkdtemp())
+        config = training_model_config(self.job, self.classes.num_classes)
+        torch.save({"config": dataclasses.asdict(config), "model": state}, folder / "model.pt")
+        (folder / "classes.json").write_text(json.dumps(self.classes.to_json(), indent=1))
+        self.tracker.log_artifact(folder / "model.pt", "model")
+        self.tracker.log_artifact(folder / "classes.json", "model")
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _checkpoint(self, metrics: dict) -> None:

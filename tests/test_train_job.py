@@ -2,6 +2,7 @@
 DeepSpeed ZeRO-2 on gloo, checkpoints holding every rank's state, MLflow metrics, and an exported model file
 that model/ loads without DeepSpeed."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -9,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from model.convert import load_checkpoint
 from pipeline.job import main
 
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
@@ -30,7 +32,7 @@ def finished_job(tmp_path_factory):
 
 
 def test_checkpoints_hold_every_rank_state(finished_job):
-    checkpoints = sorted((finished_job / "runs" / "demo_cpu").glob("checkpoint_*"))
+    checkpoints = sorted(p for p in (finished_job / "runs" / "demo_cpu").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2  # step 2 and the final step 4 (keep_checkpoints: 2)
     for checkpoint in checkpoints:
         assert {p.name for p in checkpoint.glob("trainer_rank*.pt")} == {"trainer_rank0.pt", "trainer_rank1.pt"}
@@ -51,12 +53,11 @@ def test_mlflow_run_has_config_metrics_validation_and_model(finished_job):
     for name in ("val/PQ", "val/AP", "val/mIoU", "images_per_second", "learning_rate"):
         assert name in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert artifacts == {"model/model.pt"}
-    local = client.download_artifacts(run.info.run_id, "model/model.pt", str(finished_job))
-    exported = torch.load(local, weights_only=False)
-    from model import build_model
-
-    model = build_model(exported["preset"], num_classes=len(exported["classes"]), num_queries=32, training=True)
-    model.load_state_dict(exported["model"])
-    outputs = model.eval()(torch.rand(1, 3, 64, 64) * 255, ["panoptic"])
-    assert outputs["pred_logits"].shape == (1, 32, len(exported["classes"]) + 1)
+    assert artifacts == {"model/model.pt", "model/classes.json"}
+    assert str(finished_job) in run.info.artifact_uri, "artifacts must not land in a Ray worker's temp folder"
+    local = client.download_artifacts(run.info.run_id, "model", str(finished_job / "download"))
+    classes = json.loads((Path(local) / "classes.json").read_text())
+    assert [c["name"] for c in classes][:2] == ["disc", "square"]
+    model = load_checkpoint(Path(local) / "model.pt")  # plain PyTorch, no DeepSpeed
+    outputs = model(torch.rand(1, 3, 64, 64) * 255, ["panoptic"])
+    assert outputs["pred_logits"].shape == (1, 32, len(classes) + 1)

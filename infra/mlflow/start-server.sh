@@ -25,6 +25,10 @@ require PGPASSWORD "PostgreSQL password"
 require MLFLOW_AUTH_ADMIN_PASSWORD "the MLflow admin password"
 require MLFLOW_FLASK_SERVER_SECRET_KEY "a long random string"
 require MLFLOW_ARTIFACTS_DESTINATION "where artifacts are stored"
+for optional in MLFLOW_ALLOWED_HOSTS AWS_SECRET_ACCESS_KEY; do
+    eval "value=\${$optional:-}"
+    [ -z "$value" ] || require "$optional" "optional"
+done
 
 export MLFLOW_AUTH_CONFIG_PATH="${MLFLOW_AUTH_CONFIG_PATH:-/etc/mlflow/basic_auth.ini}"
 export MLFLOW_AUTH_ADMIN_USERNAME="${MLFLOW_AUTH_ADMIN_USERNAME:-admin}"
@@ -33,4 +37,4 @@ exec mlflow server --app-name basic-auth \
     --backend-store-uri "postgresql+psycopg2:///${MLFLOW_DATABASE:-mlflow}" \
     --serve-artifacts --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
     --host "${MLFLOW_HOST:-0.0.0.0}" --port "${MLFLOW_PORT:-5000}" --workers "${MLFLOW_WORKERS:-4}" \
-    --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost,localhost:${MLFLOW_PORT:-5000}}"
+    --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost,localhost:${MLFLOW_PORT:-5000},127.0.0.1,127.0.0.1:${MLFLOW_PORT:-5000}}"
