@@ -18,7 +18,13 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: help setup test demo lint
+# The infra tests run a real PostgreSQL under an MLflow server: Debian's package, installed when missing.
+postgres:
+	@compgen -G "/usr/lib/postgresql/*/bin/initdb" > /dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends postgresql; }
+
+.PHONY: help setup test demo lint postgres
 help:
 	@echo "make demo  - run the main job (jobs/demo_cpu.yaml) on the embedded synthetic dataset"
 	@echo "make test  - run the test suite"
@@ -26,7 +32,7 @@ help:
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) postgres
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

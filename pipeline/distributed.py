@@ -78,6 +78,8 @@ def deepspeed_config(job: JobConfig) -> dict:
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     if job.deepspeed.offload_optimizer:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": job.scaling.use_gpu}
+        # Our AdamW is torch's (no compiled op needed); DeepSpeed otherwise insists on its own CPU Adam here.
+        config["zero_force_ds_cpu_optimizer"] = False
     return _merged(config, job.deepspeed.extra_config)
 
 

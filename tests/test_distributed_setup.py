@@ -77,3 +77,11 @@ def test_deepspeed_config_follows_the_job():
 def test_nan_gradients_become_zero_and_inf_is_clamped():
     gradient = torch.tensor([float("nan"), float("inf"), -float("inf"), 2.0])
     assert torch.equal(_sanitise_gradient(gradient), torch.tensor([0.0, 1e5, -1e5, 2.0]))
+
+
+def test_optimizer_offload_keeps_our_torch_adamw():
+    document = yaml.safe_load(DEMO.read_text())
+    document["deepspeed"].update(offload_optimizer=True)
+    config = deepspeed_config(parse_job(document, "test"))
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert config["zero_force_ds_cpu_optimizer"] is False
