@@ -3,9 +3,20 @@ whether to interpret, and DeepSpeed picks its accelerator at import."""
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     # No GPU: Triton kernels run on CPU tensors through the interpreter, DeepSpeed on its CPU accelerator.
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for CPU-heavy model tests: on a shared machine two contended threads are several
+    times slower than one. Use with `pytestmark = pytest.mark.usefixtures("single_thread")`."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

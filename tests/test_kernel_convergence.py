@@ -9,6 +9,8 @@ from model.criterion import LossWeights, OneFormerCriterion, weighted_total
 from model.matcher import HungarianMatcher
 from model.tokenizer import tokenize
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 NUM_CLASSES = 3
 STEPS = 3
 SIZE = 64
@@ -53,14 +55,6 @@ def train_losses(backend: str) -> list[float]:
         optimizer.step()
         losses.append(loss.item())
     return losses
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_triton_kernels_follow_the_reference_loss_curve():

@@ -14,17 +14,10 @@ from model.layers import sine_position_encoding
 from model.text_mapper import TextMapper
 from model.tokenizer import tokenize
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 TASKS = ["semantic", "instance", "panoptic"]
 NUM_CLASSES = 5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The test machine is shared: one intra-op thread is several times faster than two contended ones.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from model.inference import panoptic_inference
 from model.matcher import HungarianMatcher
 from model.tokenizer import tokenize
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 SIZE = 64
 # Class 0 is stuff ("ground"), classes 1..3 are things; each has its own colour.
 CLASS_NAMES = ("ground", "red square", "green disc", "blue bar")
@@ -62,14 +64,6 @@ def texts_for(target: dict, num_texts: int) -> torch.Tensor:
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_tiny_model_overfits_synthetic_images_and_recovers_their_segments():

@@ -43,3 +43,14 @@ def drop_path_rates(max_rate: float, depths: list[int]) -> list[list[float]]:
     total = sum(depths)
     rates = [max_rate * i / max(total - 1, 1) for i in range(total)]
     return [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(len(depths))]
+
+
+def init_transformer_weights(module: nn.Module) -> None:
+    """timm's transformer initialisation (truncated-normal linears, unit LayerNorms), for `Module.apply`."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.neighborhood_attention import neighborhood_attention
-from model.backbones.common import DropPath, Mlp, drop_path_rates
+from model.backbones.common import DropPath, Mlp, drop_path_rates, init_transformer_weights
 
 # Per-dataset DiNAT-L settings from the OneFormer configs: kernel size and per-block dilations per stage.
 DINAT_L_SETTINGS: dict[str, dict] = {
@@ -171,7 +171,7 @@ class DiNAT(nn.Module):
             ))
         for i, channels in enumerate(self.out_channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.dim() != 4:
@@ -182,16 +182,6 @@ class DiNAT(nn.Module):
             x, stage_out = level(x)
             features.append(getattr(self, f"norm{i}")(stage_out).permute(0, 3, 1, 2).contiguous())
         return features
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def dinat_large(dataset: str = "ade20k", kernel_size: int | None = None,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.backbones.common import DropPath, Mlp, drop_path_rates
+from model.backbones.common import DropPath, Mlp, drop_path_rates, init_transformer_weights
 
 # Added to attention logits between tokens from different regions of a shifted window (the official value;
 # exp(-100) underflows to 0 in fp32 so it acts as a hard mask).
@@ -187,7 +187,7 @@ class SwinTransformer(nn.Module):
         )
         for i, channels in enumerate(self.out_channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.dim() != 4:
@@ -198,16 +198,6 @@ class SwinTransformer(nn.Module):
             x, stage_out = stage(x)
             features.append(getattr(self, f"norm{i}")(stage_out).permute(0, 3, 1, 2).contiguous())
         return features
-
-
-def _init_weights(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def swin_large(window_size: int = 12, drop_path_rate: float = 0.3, **kwargs) -> SwinTransformer:
