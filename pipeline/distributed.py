@@ -5,16 +5,15 @@ precision, full-model gradient clipping, and the NaN/inf gradient handling of th
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.config import JobConfig
+from pipeline.config import PROJECT_ROOT, JobConfig
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-NO_DECAY_KEYWORDS = ("relative_position_bias_table", "rpb", "level_embed", "query_embed", "query_feat",
-                     "pos_embed", "positional_embedding", "token_embedding", "context", "logit_scale")
+# Embeddings and position tables of our modules (norms and biases are caught by being 1-D).
+NO_DECAY_KEYWORDS = ("relative_position_bias_table", "rpb", "level_embed", "query_embed", "positional_embedding",
+                     "token_embedding", "prompt_ctx", "logit_scale")
 
 
 def configure_deepspeed_environment(use_gpu: bool) -> None:

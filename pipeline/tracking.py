@@ -61,6 +61,10 @@ class RunTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._pending.append((metrics, step))
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send buffered metric batches in order; stop at the first failure and keep the rest."""
         try:
             while self._pending:
                 self._mlflow.log_metrics(*self._pending[0])
@@ -75,7 +79,7 @@ class RunTracker:
             log.warning("could not log artifact %s to MLflow: %s", path, err)
 
     def finish(self) -> None:
-        self.log_metrics({}, 0) if self._pending else None
+        self._flush()
         try:
             self._mlflow.end_run()
         except Exception as err:  # noqa: BLE001

@@ -87,11 +87,11 @@ class Trainer:
         self.dtype = next(self.engine.module.parameters()).dtype
         self.step = 0
         self.tracker = None
-        self._restore(ray.train.get_checkpoint())
+        resumed_run_id = self._restore(ray.train.get_checkpoint())
         if self.rank == 0:
             from pipeline.tracking import RunTracker
 
-            self.tracker = RunTracker(job, tracking_uri, run_id=getattr(self, "_run_id", None))
+            self.tracker = RunTracker(job, tracking_uri, run_id=resumed_run_id)
 
     # ------------------------------------------------------------------------------------------ the step
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -228,18 +228,18 @@ class Trainer:
                        Path(folder) / f"trainer_rank{self.rank}.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    def _restore(self, checkpoint) -> None:
+    def _restore(self, checkpoint) -> str | None:
+        """Continue from `checkpoint` if there is one; returns the MLflow run id that rank 0 was logging to."""
         if checkpoint is None:
-            return
+            return None
         with checkpoint.as_directory() as folder:
             self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
             state = torch.load(Path(folder) / f"trainer_rank{self.rank}.pt", weights_only=False)
-            rank0 = torch.load(Path(folder) / "trainer_rank0.pt", weights_only=False)
         self.step = state["step"]
         self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
-        self._run_id = rank0["run_id"]
         log.info("rank %d resumed at step %d", self.rank, self.step)
+        return state["run_id"]
 
 
 class _ThroughputWindow:
