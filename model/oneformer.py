@@ -62,8 +62,7 @@ class OneFormer(nn.Module):
         object_queries = outputs.pop("object_queries")
         if text_tokens is not None:
             outputs["object_queries"] = object_queries
-            outputs["text_queries"] = self.text_mapper(text_tokens)
-            outputs["logit_scale"] = self.text_mapper.logit_scale
+            outputs["text_queries"], outputs["logit_scale"] = self.text_mapper(text_tokens)
         return outputs
 
     def _check_inputs(self, images: torch.Tensor, tasks: list[str], text_tokens: torch.Tensor | None) -> None:

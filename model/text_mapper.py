@@ -112,13 +112,15 @@ class TextMapper(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / temperature)))
         self.num_context = num_context
 
-    def forward(self, text_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text queries [B, T (+ prompt contexts), D] and the contrastive logit scale. The scale leaves through
+        forward (as a copy) because ZeRO-3 holds a parameter's values only inside its module's forward."""
         if text_tokens.ndim != 3:
             raise ValueError(f"text_tokens must be [B, T, context_length], got {list(text_tokens.shape)}")
         batch, num_texts, length = text_tokens.shape
         encoded = self.text_encoder(text_tokens.reshape(batch * num_texts, length))
         queries = self.text_projector(encoded).view(batch, num_texts, -1)
-        if self.prompt_ctx is None:
-            return queries
-        context = self.prompt_ctx.weight.unsqueeze(0).expand(batch, -1, -1)
-        return torch.cat([queries, context], dim=1)
+        if self.prompt_ctx is not None:
+            context = self.prompt_ctx.weight.unsqueeze(0).expand(batch, -1, -1)
+            queries = torch.cat([queries, context], dim=1)
+        return queries, self.logit_scale.clone()

@@ -136,6 +136,16 @@ class EvaluationSettings(_Section):
     max_images: int | None = Field(None, ge=1, description="Evaluate on at most this many validation images.")
     semantic_multiscale: bool = Field(False, description="Multi-scale + flip test for semantic segmentation.")
 
+    @model_validator(mode="after")
+    def _multiscale_is_implemented(self) -> EvaluationSettings:
+        if self.semantic_multiscale:
+            import model.inference  # only then: it imports torch
+
+            if not hasattr(model.inference, "semantic_multiscale_flip"):
+                raise ValueError("semantic_multiscale needs model.inference.semantic_multiscale_flip, which this "
+                                 "checkout lacks; set it to false")
+        return self
+
 
 class JobConfig(_Section):
     """A whole run. Which sections are needed depends on `kind`."""

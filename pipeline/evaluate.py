@@ -3,11 +3,16 @@
     python -m pipeline.evaluate panoptic --gt-json F --gt-folder D --pred-json F --pred-folder D [--json-out F]
     python -m pipeline.evaluate instance --gt-json F --results-json F [--gt-folder D] [--json-out F]
     python -m pipeline.evaluate semantic --gt-folder D --pred-folder D --num-classes K [--ignore-label 255]
+    python -m pipeline.evaluate model --checkpoint model.pt --shards DIR [--classes classes.json]
+        [--metrics pq ap miou] [--num-workers N] [--max-images M] [--multiscale] [--out DIR] [--json-out F]
 
 panoptic: COCO panoptic PNG + JSON on both sides; PQ/SQ/RQ identical to panopticapi's pq_compute, and
 --json-out writes the same structure it returns. instance: ground truth as COCO instances JSON, or COCO
 panoptic JSON (detected by "segments_info"; its PNGs in --gt-folder); predictions as COCO results JSON
 (RLE segmentations). semantic: single-channel label PNGs with the same file names in both folders.
+model: runs a model file (model.convert.load_checkpoint format) on a split's shards, over N Ray workers
+when --num-workers N > 1 (pipeline/evaluate_model.py); --out receives the predictions in the three formats
+above (re-scorable by the other subcommands), pictures and metrics.json.
 Bad input exits with status 2 and a message naming the image and the problem.
 """
 
@@ -101,6 +106,52 @@ def run_semantic(args) -> tuple[dict, list[Table]]:
     return results, semantic_table(results)
 
 
+def run_model(args) -> tuple[dict, list[Table]]:
+    from pipeline.evaluate_model import evaluate_model
+
+    result = evaluate_model(
+        args.checkpoint, args.shards, classes=args.classes, metrics=args.metrics, num_workers=args.num_workers,
+        max_images=args.max_images, batch_size=args.batch_size, multiscale=args.multiscale, out=args.out,
+        pictures=args.pictures, device=args.device,
+    )
+    return result, model_tables(result)
+
+
+def model_tables(result: dict) -> list[Table]:
+    """The headline numbers, then each task's tables (classes named, keyed by contiguous id)."""
+    headline = Table(title=f"Model evaluation: {result['num_images']} images in {result['seconds']:.1f} s")
+    for name in result["summary"]:
+        headline.add_column(name, justify="right")
+    headline.add_row(*(f"{value:.2f}" for value in result["summary"].values()))
+    names = dict(enumerate(result["classes"]))
+    details = result["details"]
+    tables = [headline]
+    if "panoptic" in details:
+        tables += panoptic_table(details["panoptic"], names)
+    if "instance" in details:
+        tables += instance_table(details["instance"], names)
+    if "semantic" in details:
+        tables += semantic_table(details["semantic"])
+    return tables
+
+
+def _add_model_parser(tasks) -> argparse.ArgumentParser:
+    model = tasks.add_parser("model", help="run a model file on a split's shards (optionally over Ray workers)")
+    model.add_argument("--checkpoint", required=True, help="model file (model.convert.load_checkpoint format)")
+    model.add_argument("--shards", required=True, help="split folder holding manifest.json and the shards")
+    model.add_argument("--classes", default=None, help="classes.json exported with the model; default: the manifest's")
+    model.add_argument("--metrics", nargs="+", choices=("pq", "ap", "miou"), default=["pq", "ap", "miou"])
+    model.add_argument("--num-workers", type=int, default=1, help="Ray workers, each evaluating a part of the split")
+    model.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")
+    model.add_argument("--batch-size", type=int, default=1)
+    model.add_argument("--multiscale", action="store_true", help="multi-scale + flip semantic inference")
+    model.add_argument("--out", default=None, help="folder for predictions, pictures and metrics.json")
+    model.add_argument("--pictures", type=int, default=4, help="example images per task drawn under --out")
+    model.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+    model.set_defaults(run=run_model)
+    return model
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n\n")[0])
     tasks = parser.add_subparsers(dest="task", required=True)
@@ -122,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     semantic.add_argument("--num-classes", type=int, required=True)
     semantic.add_argument("--ignore-label", type=int, default=255)
     semantic.set_defaults(run=run_semantic)
-    for subparser in (panoptic, instance, semantic):
+    model = _add_model_parser(tasks)
+    for subparser in (panoptic, instance, semantic, model):
         subparser.add_argument("--json-out", default=None, help="write the results as JSON here")
     return parser
 
@@ -133,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         results, tables = args.run(args)
-    except (EvaluationInputError, ValueError) as error:
+    except (EvaluationInputError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for table in tables:

@@ -1,5 +1,6 @@
 """MLflow tracking for rank 0. A tracking server that goes away costs a warning and buffered metrics, never
-the run: failed calls are kept and replayed when the server answers again."""
+the run: failed calls are kept and replayed when the server answers again. While it is away the tracker does
+not ask it again for `retry_interval_s`, so training does not wait on HTTP retries at every log step."""
 
 from __future__ import annotations
 
@@ -7,11 +8,17 @@ import logging
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 from pipeline.config import JobConfig
 
 log = logging.getLogger("pipeline.tracking")
+
+# MLflow's own defaults retry a failed request 7 times with exponential backoff (minutes per call); a few
+# seconds is enough to ride out a blip, and the buffer covers longer outages. The environment still wins.
+HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def resolve_tracking_uri(job: JobConfig) -> str:
@@ -29,13 +36,18 @@ def _git_commit() -> str:
 
 
 class RunTracker:
-    """One MLflow run: params, tags, metrics and artifacts, with failed metric calls buffered."""
+    """One MLflow run: params, tags, metrics and artifacts, with failed metric and artifact calls buffered."""
 
-    def __init__(self, job: JobConfig, tracking_uri: str, run_id: str | None = None):
+    def __init__(self, job: JobConfig, tracking_uri: str, run_id: str | None = None, retry_interval_s: float = 30.0):
+        for name, value in HTTP_RETRY_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         import mlflow
 
         self._mlflow = mlflow
         self._pending: list[tuple[dict, int]] = []
+        self._pending_artifacts: list[tuple[str, str | None]] = []
+        self._retry_interval_s = retry_interval_s
+        self._unreachable_since: float | None = None
         mlflow.set_tracking_uri(tracking_uri)
         _ensure_experiment(mlflow, tracking_uri, job.tracking.experiment)
         self.run = mlflow.start_run(run_id=run_id, run_name=job.tracking.run_name or job.name)
@@ -63,23 +75,43 @@ class RunTracker:
         self._pending.append((metrics, step))
         self._flush()
 
-    def _flush(self) -> None:
-        """Send buffered metric batches in order; stop at the first failure and keep the rest."""
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Uploads now, or later if the server is away; the file must stay in place until `finish`."""
+        self._pending_artifacts.append((str(path), artifact_path))
+        self._flush()
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending) + len(self._pending_artifacts)
+
+    def _flush(self, force: bool = False) -> None:
+        """Send buffered calls in order; stop at the first failure and keep the rest."""
+        waiting = self._unreachable_since is not None and time.monotonic() - self._unreachable_since < self._retry_interval_s
+        if waiting and not force:
+            return
         try:
             while self._pending:
                 self._mlflow.log_metrics(*self._pending[0])
                 self._pending.pop(0)
+            while self._pending_artifacts:
+                self._mlflow.log_artifact(*self._pending_artifacts[0])
+                self._pending_artifacts.pop(0)
         except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
-            log.warning("MLflow unreachable (%s); %d metric batches buffered", err, len(self._pending))
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        try:
-            self._mlflow.log_artifact(str(path), artifact_path)
-        except Exception as err:  # noqa: BLE001
-            log.warning("could not log artifact %s to MLflow: %s", path, err)
+            self._unreachable_since = time.monotonic()
+            log.warning("MLflow unreachable (%s); %d calls buffered, next try in %.0f s",
+                        err, self.num_pending, self._retry_interval_s)
+            return
+        if self._unreachable_since is not None:
+            log.warning("MLflow reachable again; buffered calls sent")
+            self._unreachable_since = None
 
     def finish(self) -> None:
-        self._flush()
+        """Last attempt to send what is buffered, then close the run (what still fails is named in a warning)."""
+        self._flush(force=True)
+        if self.num_pending:
+            log.warning("MLflow still unreachable: %d metric batches and artifacts %s not logged", len(self._pending),
+                        [path for path, _ in self._pending_artifacts])
+            return
         try:
             self._mlflow.end_run()
         except Exception as err:  # noqa: BLE001

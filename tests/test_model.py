@@ -203,11 +203,12 @@ def test_text_mapper_matches_transformers_except_for_the_causal_mask():
     ).view(2, 4, -1)
     with torch.no_grad():
         expected = reference(tokens)
-        causal = ours(tokens)
+        causal, _ = ours(tokens)
         ours.text_encoder.causal_mask.zero_()  # what HF computes: its mask is built but never applied
-        unmasked = ours(tokens)
+        unmasked, scale = ours(tokens)
     torch.testing.assert_close(unmasked, expected, rtol=1e-4, atol=1e-5)
     assert (causal - expected).abs().max() > 1e-3
+    torch.testing.assert_close(scale, ours.logit_scale)  # the contrastive scale leaves through forward too
 
 
 def test_text_encoder_output_ignores_tokens_after_the_end_token():
@@ -217,10 +218,10 @@ def test_text_encoder_output_ignores_tokens_after_the_end_token():
     noisy = tokens.clone()
     noisy[..., 10:] = torch.randint(1, 40000, noisy[..., 10:].shape)  # after the end token, below its id
     with torch.no_grad():
-        torch.testing.assert_close(mapper(noisy), mapper(tokens))
+        torch.testing.assert_close(mapper(noisy)[0], mapper(tokens)[0])
         # Without the causal mask the end token would see the changed tokens.
         mapper.text_encoder.causal_mask.zero_()
-        assert (mapper(noisy) - mapper(tokens)).abs().max() > 1e-4
+        assert (mapper(noisy)[0] - mapper(tokens)[0]).abs().max() > 1e-4
 
 
 def test_sine_position_encoding_matches_transformers():

@@ -169,6 +169,7 @@ class InstanceEvaluator:
             raise ValueError("categories has no thing category (isthing == 1) to evaluate")
         self.thing_ids = {c["id"] for c in self.categories}
         self.images: list[dict] = []
+        self.image_ids: set = set()
         self.gt_annotations: list[dict] = []
         self.results: list[dict] = []
 
@@ -191,8 +192,9 @@ class InstanceEvaluator:
             raise ValueError(
                 f"image {image_id}: {len(pred_masks)} masks, {len(pred_scores)} scores, {len(pred_category_ids)} category ids"
             )
-        if any(image["id"] == image_id for image in self.images):
+        if image_id in self.image_ids:
             raise EvaluationInputError(f"image {image_id}: added twice")
+        self.image_ids.add(image_id)
         self.images.append({"id": image_id, "height": gt_ids.shape[0], "width": gt_ids.shape[1]})
         self.gt_annotations += instances_from_panoptic(image_id, gt_ids, gt_segments, self.thing_ids)
         for mask, score, category_id in zip(pred_masks, pred_scores, pred_category_ids):
@@ -208,10 +210,11 @@ class InstanceEvaluator:
     def merge(self, other: InstanceEvaluator) -> InstanceEvaluator:
         if other.thing_ids != self.thing_ids:
             raise ValueError("cannot merge InstanceEvaluators built with different categories")
-        duplicated = {i["id"] for i in self.images} & {i["id"] for i in other.images}
+        duplicated = self.image_ids & other.image_ids
         if duplicated:
-            raise EvaluationInputError(f"images {sorted(duplicated)[:10]} are in both evaluators")
+            raise EvaluationInputError(f"images {sorted(duplicated, key=str)[:10]} are in both evaluators")
         self.images += other.images
+        self.image_ids |= other.image_ids
         self.gt_annotations += other.gt_annotations
         self.results += other.results
         return self

@@ -47,7 +47,7 @@ class SemanticEvaluator:
         gt, pred = ground_truth[valid].astype(np.int64), prediction[valid].astype(np.int64)
         self._check_range(gt, "ground truth", where)
         self._check_range(pred, "prediction", where)
-        self.confusion += np.bincount(gt * self.num_classes + pred, minlength=self.num_classes**2).reshape(
+        self.confusion = self.confusion + np.bincount(gt * self.num_classes + pred, minlength=self.num_classes**2).reshape(
             self.num_classes, self.num_classes
         )
 
@@ -62,7 +62,8 @@ class SemanticEvaluator:
     def merge(self, other: SemanticEvaluator) -> SemanticEvaluator:
         if (other.num_classes, other.ignore_label) != (self.num_classes, self.ignore_label):
             raise ValueError("cannot merge SemanticEvaluators with different num_classes or ignore_label")
-        self.confusion += other.confusion
+        # Not in place: a confusion matrix that came through Ray is a read-only view of its object store.
+        self.confusion = self.confusion + other.confusion
         return self
 
     def compute(self) -> dict:
