@@ -106,16 +106,13 @@ def wrap_with_deepspeed(model: nn.Module, job: JobConfig):
     return engine, scheduler
 
 
-def consolidated_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """The full model state as fp32 on rank 0 (None elsewhere). Collective under ZeRO-3, so every rank calls
-    it; there the gathered values are in the training precision (exact for fp32 training)."""
-    if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        state = None if state is None or not state else state
-    else:
-        state = engine.module.state_dict() if engine.global_rank == 0 else None
-    if state is None:
-        return None
-    return {name: tensor.detach().float().cpu() if tensor.is_floating_point() else tensor.cpu()
-            for name, tensor in state.items()}
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole model's state on every rank, as fp32 CPU tensors (in the training precision's values). Under
+    ZeRO-3 every rank must call it: the partitioned parameters are gathered for the copy and released after."""
+    import deepspeed
 
+    module = engine.module
+    gathered = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=gathered):
+        return {name: tensor.detach().float().cpu().clone() if tensor.is_floating_point() else tensor.detach().cpu().clone()
+                for name, tensor in module.state_dict().items()}

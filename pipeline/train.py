@@ -86,6 +86,7 @@ class Trainer:
         self.loader = build_train_loader(job.stream, shard_folder(job, job.data.train_split), self.rank, self.world_size)
         self.dtype = next(self.engine.module.parameters()).dtype
         self.step = 0
+        self.best: dict | None = None  # step and validation metrics of the best PQ so far (rank 0)
         self.tracker = None
         resumed_run_id = self._restore(ray.train.get_checkpoint())
         if self.rank == 0:
@@ -135,13 +136,13 @@ class Trainer:
                 self._log(metrics, window)
                 window = _ThroughputWindow()
             if self.step < self.job.training.max_steps and self._is_validation_step():
-                validation = self._validate(export=False)
+                validation = self._validate(final=False)
                 if self.tracker is not None:
                     self.tracker.log_metrics(validation, self.step)
                 self._checkpoint({"step": self.step, **metrics, **validation})
             elif self.step % self.job.training.checkpoint_every == 0 and self.step < self.job.training.max_steps:
                 self._checkpoint({"step": self.step, **metrics})
-        validation = self._validate(export=True)
+        validation = self._validate(final=True)
         self._checkpoint({"step": self.step, **metrics, **validation})
         if self.tracker is not None:
             self.tracker.log_metrics(validation, self.step)
@@ -169,53 +170,94 @@ class Trainer:
             self.tracker.log_metrics(record, self.step)
 
     # ------------------------------------------------------------------------------------------ validation
-    def _validate(self, export: bool) -> dict[str, float]:
-        """Rank 0 evaluates the consolidated model on the validation shards (and exports it as a plain model
-        file when `export`); the others wait."""
+    def _validate(self, final: bool) -> dict[str, float]:
+        """Every rank evaluates its part of the validation shards with the current weights; rank 0 merges,
+        logs the metrics and pictures, keeps the best model by PQ, and exports the model when `final`."""
         import torch.distributed as dist
 
-        from pipeline.distributed import consolidated_state_dict
+        from pipeline.distributed import full_state_dict
 
-        state = consolidated_state_dict(self.engine)  # collective under ZeRO-3
+        state = full_state_dict(self.engine)  # collective under ZeRO-3
+        validator = self._evaluate_part(state)
+        if dist.is_initialized() and self.world_size > 1:
+            parts = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(validator, parts, dst=0)
+            if self.rank == 0:
+                validator = parts[0]
+                for part in parts[1:]:
+                    validator.merge(part)
         summary: dict[str, float] = {}
         if self.rank == 0:
-            summary = self._evaluate_state(state)
-            if export:
-                self._export_model(state)
+            summary = self._publish_validation(validator, state, final)
         if dist.is_initialized():
             dist.barrier()
         return summary
 
-    def _evaluate_state(self, state: dict) -> dict[str, float]:
+    def _evaluate_part(self, state: dict):
         from model.inference import thresholds_for
         from pipeline.data.stream import build_eval_loader
         from pipeline.validate import Validator
 
-        model = build_training_model(self.job, self.classes.num_classes)
+        with torch.random.fork_rng(devices=[]):  # the training's random stream must not depend on validations
+            model = build_training_model(self.job, self.classes.num_classes)
         model.load_state_dict(state)
-        model.eval()
-        validator = Validator(self.classes, thresholds_for(self.job.model.dataset or "ade20k"), self.job.evaluation.metrics)
-        loader = build_eval_loader(self.job.stream, shard_folder(self.job, self.job.data.val_split), rank=0, world_size=1)
+        model.to(self.engine.device).eval()
+        evaluation = self.job.evaluation
+        validator = Validator(self.classes, thresholds_for(self.job.model.dataset or "ade20k"), evaluation.metrics,
+                              pictures=self.job.tracking.log_pictures if self.rank == 0 else 0,
+                              semantic_multiscale=evaluation.semantic_multiscale,
+                              size_divisibility=self.job.stream.size_divisibility)
+        loader = build_eval_loader(self.job.stream, shard_folder(self.job, self.job.data.val_split),
+                                   rank=self.rank, world_size=self.world_size)
+        limit = None if evaluation.max_images is None else -(-evaluation.max_images // self.world_size)
         for index, batch in enumerate(loader):
-            if self.job.evaluation.max_images is not None and index >= self.job.evaluation.max_images:
+            if limit is not None and index >= limit:
                 break
-            validator.add_batch(model, batch, torch.device("cpu"), torch.float32)
-        summary = {f"val/{key}": value for key, value in validator.compute().items()}
-        log.info("validation: %s", " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
+            validator.add_batch(model, batch, self.engine.device, torch.float32)
+        return validator
+
+    def _publish_validation(self, validator, state: dict, final: bool) -> dict[str, float]:
+        details = validator.compute_details()
+        summary = {f"val/{key}": value for key, value in validator.compute(details).items()}
+        log.info("validation at step %d: %s", self.step, " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
+        pq = summary.get("val/PQ")
+        if pq is not None and (self.best is None or pq > self.best["val/PQ"]):
+            self.best = {"step": self.step, **summary}
+            self._write_model_files(state, "best", self.best)
+        if self.tracker is not None:
+            pictures = Path(tempfile.mkdtemp(prefix="pictures_"))
+            for picture in validator.save_pictures(pictures, details):
+                self.tracker.log_artifact(picture, f"pictures/step_{self.step:07d}")
+        if final:
+            folder = self._write_model_files(state, "model", summary)
+            if self.tracker is not None:
+                for name in ("model.pt", "classes.json"):
+                    self.tracker.log_artifact(folder / name, "model")
+                if self.best is not None:
+                    self.tracker.log_metrics({"val/best_PQ": self.best["val/PQ"], "val/best_step": self.best["step"]}, self.step)
         return summary
 
-    def _export_model(self, state: dict) -> None:
-        """A consolidated fp32 model file that `model.convert.load_checkpoint` loads without DeepSpeed, and
-        the class metadata beside it."""
+    def _write_model_files(self, state: dict, name: str, metrics: dict) -> Path:
+        """A consolidated fp32 model file that `model.convert.load_checkpoint` loads without DeepSpeed, the
+        class metadata and the metrics, in `<storage_path>/<job name>/<name>/`. Returns a local copy."""
         import dataclasses
         import json
 
-        folder = Path(tempfile.mkdtemp())
+        import fsspec
+
+        folder = Path(tempfile.mkdtemp(prefix=f"{name}_"))
         config = training_model_config(self.job, self.classes.num_classes)
         torch.save({"config": dataclasses.asdict(config), "model": state}, folder / "model.pt")
         (folder / "classes.json").write_text(json.dumps(self.classes.to_json(), indent=1))
-        self.tracker.log_artifact(folder / "model.pt", "model")
-        self.tracker.log_artifact(folder / "classes.json", "model")
+        (folder / "metrics.json").write_text(json.dumps({"step": self.step, **metrics}, indent=1))
+        fs, destination = fsspec.core.url_to_fs(f"{self.job.scaling.storage_path.rstrip('/')}/{self.job.name}/{name}")
+        fs.makedirs(destination, exist_ok=True)
+        for file in folder.iterdir():  # model.pt last: a reader that sees it sees a complete folder
+            if file.name != "model.pt":
+                fs.put_file(str(file), f"{destination}/{file.name}")
+        fs.put_file(str(folder / "model.pt"), f"{destination}/model.pt.partial")
+        fs.mv(f"{destination}/model.pt.partial", f"{destination}/model.pt")
+        return folder
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _checkpoint(self, metrics: dict) -> None:
@@ -224,7 +266,7 @@ class Trainer:
         with tempfile.TemporaryDirectory() as folder:
             self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
             torch.save({"step": self.step, "loader": self.loader.state_dict(), "rng": _rng_state(),
-                        "run_id": self.tracker.run_id if self.tracker else None},
+                        "run_id": self.tracker.run_id if self.tracker else None, "best": self.best},
                        Path(folder) / f"trainer_rank{self.rank}.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -235,7 +277,7 @@ class Trainer:
         with checkpoint.as_directory() as folder:
             self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
             state = torch.load(Path(folder) / f"trainer_rank{self.rank}.pt", weights_only=False)
-        self.step = state["step"]
+        self.step, self.best = state["step"], state["best"]
         self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
         log.info("rank %d resumed at step %d", self.rank, self.step)

@@ -22,7 +22,7 @@ def finished_job(tmp_path_factory):
     document = yaml.safe_load(DEMO.read_text())
     document["synthetic_dataset"].update(num_images=10, min_size=64, max_size=96)
     document["stream"].update(crop_size=64, resize_base=64)
-    document["training"].update(max_steps=4, checkpoint_every=2, log_every=1)
+    document["training"].update(max_steps=4, checkpoint_every=2, log_every=1, eval_every=2)
     document["evaluation"]["max_images"] = 2
     job_file = workdir / "job.yaml"
     job_file.write_text(yaml.safe_dump(document))
@@ -54,6 +54,9 @@ def test_mlflow_run_has_config_metrics_validation_and_model(finished_job):
         assert name in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert artifacts == {"model/model.pt", "model/classes.json"}
+    for step in ("step_0000002", "step_0000004"):
+        pictures = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, f"pictures/{step}")}
+        assert {"panoptic_examples.png", "instance_examples.png", "semantic_examples.png", "pq_per_class.png"} <= pictures
     assert str(finished_job) in run.info.artifact_uri, "artifacts must not land in a Ray worker's temp folder"
     local = client.download_artifacts(run.info.run_id, "model", str(finished_job / "download"))
     classes = json.loads((Path(local) / "classes.json").read_text())
@@ -61,3 +64,17 @@ def test_mlflow_run_has_config_metrics_validation_and_model(finished_job):
     model = load_checkpoint(Path(local) / "model.pt")  # plain PyTorch, no DeepSpeed
     outputs = model(torch.rand(1, 3, 64, 64) * 255, ["panoptic"])
     assert outputs["pred_logits"].shape == (1, 32, len(classes) + 1)
+
+
+def test_best_model_by_validation_pq_is_kept(finished_job):
+    client = mlflow.MlflowClient(f"sqlite:///{finished_job}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo_cpu").experiment_id])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/PQ")}
+    assert sorted(history) == [2, 4]
+    best_step = max(history, key=lambda step: (history[step], -step))
+    best = json.loads((finished_job / "runs" / "demo_cpu" / "best" / "metrics.json").read_text())
+    assert best["step"] == best_step and best["val/PQ"] == pytest.approx(history[best_step])
+    assert run.data.metrics["val/best_PQ"] == pytest.approx(history[best_step])
+    load_checkpoint(finished_job / "runs" / "demo_cpu" / "best" / "model.pt")
+    final = json.loads((finished_job / "runs" / "demo_cpu" / "model" / "metrics.json").read_text())
+    assert final["step"] == 4 and final["val/PQ"] == pytest.approx(history[4])
