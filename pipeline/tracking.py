@@ -38,7 +38,8 @@ def _git_commit() -> str:
 class RunTracker:
     """One MLflow run: params, tags, metrics and artifacts, with failed metric and artifact calls buffered."""
 
-    def __init__(self, job: JobConfig, tracking_uri: str, run_id: str | None = None, retry_interval_s: float = 30.0):
+    def __init__(self, job: JobConfig, tracking_uri: str, run_id: str | None = None, retry_interval_s: float = 30.0,
+                 tags: dict[str, str] | None = None):
         for name, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(name, value)
         import mlflow
@@ -52,13 +53,13 @@ class RunTracker:
         _ensure_experiment(mlflow, tracking_uri, job.tracking.experiment)
         self.run = mlflow.start_run(run_id=run_id, run_name=job.tracking.run_name or job.name)
         if run_id is None:
-            self._log_run_description(job)
+            self._log_run_description(job, tags or {})
 
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
 
-    def _log_run_description(self, job: JobConfig) -> None:
+    def _log_run_description(self, job: JobConfig, tags: dict[str, str]) -> None:
         import ray
         import torch
 
@@ -66,7 +67,7 @@ class RunTracker:
         self._mlflow.log_params({key: str(value)[:500] for key, value in flat.items()})
         self._mlflow.set_tags({
             "git_commit": _git_commit(), "torch": torch.__version__, "ray": ray.__version__,
-            "python": platform.python_version(), "ray_job_id": os.environ.get("RAY_JOB_ID", "none"),
+            "python": platform.python_version(), **tags,
             "cluster_shape": f"{job.scaling.num_workers} workers x {'1 GPU' if job.scaling.use_gpu else f'{job.scaling.cpus_per_worker} CPU'}",
         })
         self._mlflow.log_dict(job.model_dump(mode="json"), "job_config.json")

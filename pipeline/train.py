@@ -66,7 +66,7 @@ def build_training_model(job: JobConfig, num_classes: int):
 class Trainer:
     """One worker's training: `train_step` is the step; `fit` runs steps, logging, checkpoints, validation."""
 
-    def __init__(self, job: JobConfig, tracking_uri: str):
+    def __init__(self, job: JobConfig, tracking_uri: str, run_tags: dict[str, str] | None = None):
         import ray.train
 
         from model.criterion import LossWeights, OneFormerCriterion
@@ -92,7 +92,7 @@ class Trainer:
         if self.rank == 0:
             from pipeline.tracking import RunTracker
 
-            self.tracker = RunTracker(job, tracking_uri, run_id=resumed_run_id)
+            self.tracker = RunTracker(job, tracking_uri, run_id=resumed_run_id, tags=run_tags)
 
     # ------------------------------------------------------------------------------------------ the step
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -313,7 +313,22 @@ def train_worker(config: dict) -> None:
     job = JobConfig.model_validate(config["job"])
     configure_deepspeed_environment(job.scaling.use_gpu)
     torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-    Trainer(job, config["tracking_uri"]).fit()
+    Trainer(job, config["tracking_uri"], config.get("run_tags")).fit()
+
+
+def ray_job_tags() -> dict[str, str]:
+    """The Ray job id and, for a `ray job submit`, the submission id that `ray job logs/status` take."""
+    import json
+    import os
+
+    import ray
+
+    tags = {"ray_job_id": ray.get_runtime_context().get_job_id()}
+    injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set for submitted jobs' drivers
+    submission_id = injected.get("metadata", {}).get("job_submission_id")
+    if submission_id:
+        tags["ray_submission_id"] = submission_id
+    return tags
 
 
 def run_training(job: JobConfig):
@@ -327,7 +342,8 @@ def run_training(job: JobConfig):
         ray.init(address=job.scaling.ray_address)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job)},
+        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
+                           "run_tags": ray_job_tags()},
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
         run_config=RunConfig(

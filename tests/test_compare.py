@@ -6,12 +6,8 @@ from __future__ import annotations
 import csv
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from PIL import Image
+from servers import MlflowServer, free_port
 
 from pipeline.compare import CompareError, compare, default_tracking_uri, main, metric_series
 
@@ -208,59 +205,25 @@ def test_default_tracking_uri_follows_the_job_default(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ mlflow server
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"mlflow server at {url} not healthy after {timeout} s")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def mlflow_server(store, tmp_path_factory):
     """A server over a copy of the module's store: already migrated and holding both runs, so the test reads
     over http exactly what the SQLite tests read directly. Started with the module (autouse) so that its
     slow start-up overlaps the other tests; the http test waits for it to answer."""
     folder = tmp_path_factory.mktemp("mlflow_server")
-    database = folder / "server.db"
-    shutil.copyfile(store[0].removeprefix("sqlite:///"), database)
-    port = free_port()
-    log = (folder / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{database}", "--default-artifact-root", (folder / "artifacts").as_uri()],
-        # the job executor is a further process the comparison never uses
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = MlflowServer(folder)
+    shutil.copyfile(store[0].removeprefix("sqlite:///"), server.database)
+    server.start()
     try:
-        yield server, f"http://127.0.0.1:{port}"
+        yield server
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)  # the server's own process group: it and its workers
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        log.close()
+        server.stop()
 
 
 @pytest.mark.slow
 def test_command_works_against_a_tracking_server(mlflow_server, tmp_path, capsys):
-    server, url = mlflow_server
-    wait_until_healthy(url, server, timeout=150)
+    mlflow_server.wait_until_healthy()
+    url = mlflow_server.url
     exit_code = main(["--tracking-uri", url, "--experiment", EXPERIMENT, "--runs", "alpha", "beta",
                       "--out", str(tmp_path / "plots"), "--csv", str(tmp_path / "table.csv")])
     assert exit_code == 0, capsys.readouterr().err
