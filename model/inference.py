@@ -285,3 +285,107 @@ def _infer_one(task, class_logits, mask_logits, is_thing, thresholds):
     if task == "instance":
         return instance_inference(class_logits, mask_logits, is_thing, thresholds.instance_top_k)
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def semantic_multiscale_flip(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    image_sizes: Sequence[tuple[int, int]],
+    scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    flip: bool = True,
+    size_divisibility: int = 32,
+    original_sizes: Sequence[tuple[int, int]] | None = None,
+) -> list[torch.Tensor]:
+    """Semantic test-time augmentation as the official Mask2Former/OneFormer SemanticSegmentorWithTTA does it:
+    the semantic scores [K, H0, W0] of each image averaged over every scale, each with and without a
+    horizontal flip (flipped back before averaging), all at the original size.
+
+    images: float [B, 3, H, W] RGB 0-255, a padded batch; image_sizes: the valid (h, w) of each image.
+    A scale s resizes the valid image to (int(h s + 0.5), int(w s + 0.5)): the official ResizeShortestEdge
+    with min size = s x the test short side and max size scaled alike, applied to an image already at the
+    test size. Resizing is bilinear with antialiasing (as Pillow's bilinear resize of the official mapper);
+    scale 1 is left untouched. Each augmented batch is padded to `size_divisibility` with the model's pixel
+    mean (what the official code's zero padding after normalisation is) and run with the "semantic" task.
+    original_sizes: the (H0, W0) to return at; defaults to image_sizes. Run the model in eval mode.
+    """
+    _check_tta_arguments(images, image_sizes, scales, size_divisibility, original_sizes)
+    original_sizes = list(image_sizes if original_sizes is None else original_sizes)
+    crops = [images[index, :, :height, :width] for index, (height, width) in enumerate(image_sizes)]
+    pad_value = _pixel_mean_of(model).reshape(3, 1, 1).to(images)
+    totals: list[torch.Tensor | None] = [None] * len(crops)
+    flips = (False, True) if flip else (False,)
+    for scale in scales:
+        resized = [_rescale_image(crop, scale) for crop in crops]
+        for flipped in flips:
+            views = [image.flip(-1) for image in resized] if flipped else resized
+            all_scores = _semantic_scores(model, views, pad_value, size_divisibility, original_sizes)
+            for index, scores in enumerate(all_scores):
+                scores = scores.flip(-1) if flipped else scores
+                totals[index] = scores if totals[index] is None else totals[index] + scores
+    count = len(scales) * len(flips)
+    return [total / count for total in totals]
+
+
+def _semantic_scores(model, views, pad_value, size_divisibility, original_sizes) -> list[torch.Tensor]:
+    """Semantic scores [K, H0, W0] of [3, h, w] images, run as one padded batch with the semantic task."""
+    batch = _pad_batch(views, pad_value, size_divisibility)
+    with torch.no_grad():
+        outputs = model(batch, ["semantic"] * len(views))
+    scores = []
+    for index, view in enumerate(views):
+        masks = resize_mask_logits(
+            outputs["pred_masks"][index], batch.shape[-2:], view.shape[-2:], original_sizes[index]
+        )
+        scores.append(semantic_inference(outputs["pred_logits"][index], masks).scores)
+    return scores
+
+
+def _check_tta_arguments(images, image_sizes, scales, size_divisibility, original_sizes) -> None:
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+    if len(image_sizes) != images.shape[0]:
+        raise ValueError(f"image_sizes must have one (h, w) per image ({images.shape[0]}), got {len(image_sizes)}")
+    for height, width in image_sizes:
+        if not (0 < height <= images.shape[2] and 0 < width <= images.shape[3]):
+            raise ValueError(
+                f"image_sizes entry {(height, width)} must be positive and within the batch {tuple(images.shape[2:])}"
+            )
+    if original_sizes is not None and len(original_sizes) != images.shape[0]:
+        raise ValueError(
+            f"original_sizes must have one (h, w) per image ({images.shape[0]}), got {len(original_sizes)}"
+        )
+    if len(scales) == 0:
+        raise ValueError("scales must hold at least one scale, got an empty sequence")
+    if any(not scale > 0 for scale in scales):
+        raise ValueError(f"scales must all be positive, got {tuple(scales)}")
+    if size_divisibility < 1:
+        raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
+
+
+def _pixel_mean_of(model: torch.nn.Module) -> torch.Tensor:
+    """The model's pixel mean (the padding that normalises to 0), looking inside DDP / DeepSpeed wrappers."""
+    for candidate in (model, getattr(model, "module", None)):
+        mean = getattr(candidate, "pixel_mean", None)
+        if isinstance(mean, torch.Tensor) and mean.numel() == 3:
+            return mean
+    raise ValueError(f"model must carry a 3-value pixel_mean buffer (as OneFormer does), got {type(model).__name__}")
+
+
+def _rescale_image(image: torch.Tensor, scale: float) -> torch.Tensor:
+    """[3, h, w] -> [3, int(h s + 0.5), int(w s + 0.5)] (detectron2's rounding); scale 1 is the identity."""
+    height, width = image.shape[-2:]
+    size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
+    if size == (height, width):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def _pad_batch(images: Sequence[torch.Tensor], pad_value: torch.Tensor, size_divisibility: int) -> torch.Tensor:
+    """Stack [3, h_i, w_i] images top-left into one [B, 3, H, W] batch, H and W multiples of size_divisibility."""
+    height = max(image.shape[-2] for image in images)
+    width = max(image.shape[-1] for image in images)
+    height, width = (-(-side // size_divisibility) * size_divisibility for side in (height, width))
+    batch = pad_value.expand(len(images), 3, height, width).clone()
+    for index, image in enumerate(images):
+        batch[index, :, : image.shape[-2], : image.shape[-1]] = image
+    return batch

@@ -274,3 +274,39 @@ def test_ground_truth_area_rule():
     assert by_pixels.iou_sum[0] == pytest.approx(6 / 8) and by_json.iou_sum[0] == pytest.approx(6 / 10)
     with pytest.raises(ValueError, match="area rules"):
         by_pixels.merge(by_json)
+
+
+def test_read_panoptic_png_refills_a_buffer_and_matches_the_copying_path(dataset, monkeypatch):
+    from pipeline.evaluation import panoptic_format
+
+    gt = json.loads(dataset["gt_json"].read_text())
+    first, second = (dataset["gt_folder"] / a["file_name"] for a in gt["annotations"][:2])
+    rgb = np.asarray(Image.open(second).convert("RGB")).astype(np.int64)
+    expected = rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
+    buffer = read_panoptic_png(first)
+    refilled = read_panoptic_png(second, out=buffer)
+    assert refilled is buffer and np.array_equal(refilled, expected)
+    assert read_panoptic_png(second, out=np.zeros((2, 2), np.uint32)).shape == expected.shape
+
+    def no_arrow_export(capsule, name):
+        raise ValueError("no arrow export")
+
+    monkeypatch.setattr(panoptic_format, "_capsule_pointer", no_arrow_export)
+    assert np.array_equal(read_panoptic_png(second), expected)
+
+
+def test_ground_truth_ids_without_entry_are_neither_segments_nor_void():
+    """panopticapi skips pairs whose ground-truth id has no segments_info entry, but their pixels still count
+    in the predicted area (only id 0 leaves the union)."""
+    gt = np.zeros((2, 6), dtype=np.int64)
+    gt[:, :4] = 10
+    gt[:, 4:] = 77  # painted but not listed
+    pred = np.ones_like(gt)  # one segment over everything: IoU 8 / (12 + 8 - 8) = 2/3
+    evaluator = PanopticEvaluator([THING, STUFF])
+    evaluator.update(
+        gt, [{"id": 10, "category_id": 1, "iscrowd": 0}], pred, [{"id": 1, "category_id": 1}], image_id=5
+    )
+    assert evaluator.tp.tolist() == [1, 0] and evaluator.fp.tolist() == [0, 0]
+    assert evaluator.iou_sum[0] == pytest.approx(8 / 12)
+    with pytest.raises(EvaluationInputError, match=r"image 5 \(prediction\): segment ids \[1\] are in the"):
+        evaluator.update(gt, [], pred, [], image_id=5)

@@ -3,6 +3,7 @@ loop that follows the official OneFormer code line by line."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.inference import (
     InferenceThresholds,
@@ -14,8 +15,11 @@ from model.inference import (
     postprocess,
     resize_mask_logits,
     semantic_inference,
+    semantic_multiscale_flip,
     thresholds_for,
 )
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # the TTA tests run a model; see conftest
 
 BIG = 12.0  # a logit whose sigmoid / softmax share is ~1
 
@@ -228,3 +232,111 @@ def test_official_thresholds_per_dataset(dataset, object_threshold, top_k):
     thresholds = thresholds_for(dataset)
     assert (thresholds.object_mask_threshold, thresholds.instance_top_k) == (object_threshold, top_k)
     assert thresholds.overlap_threshold == 0.8
+
+
+# --- semantic multi-scale + flip test-time augmentation, checked against runs done by hand ---
+
+TTA_SIZES = [(24, 30), (17, 21)]  # two valid sizes inside one 32 x 32 padded batch
+
+
+@pytest.fixture(scope="module")
+def tta_model_and_images():
+    from model import build_model
+
+    torch.manual_seed(0)
+    model = build_model("tiny", num_classes=3, num_queries=20).eval()
+    images = model.pixel_mean.expand(2, 3, 32, 32).clone()
+    for index, (height, width) in enumerate(TTA_SIZES):
+        images[index, :, :height, :width] = torch.rand(3, height, width) * 255
+    return model, images
+
+
+def semantic_scores_by_hand(model, crops, original_sizes):
+    """Pad [3, h, w] crops with the pixel mean to a multiple of 32, run the semantic task, postprocess."""
+    height = -(-max(c.shape[1] for c in crops) // 32) * 32
+    width = -(-max(c.shape[2] for c in crops) // 32) * 32
+    batch = model.pixel_mean.expand(len(crops), 3, height, width).clone()
+    for index, crop in enumerate(crops):
+        batch[index, :, : crop.shape[1], : crop.shape[2]] = crop
+    with torch.no_grad():
+        outputs = model(batch, ["semantic"] * len(crops))
+    results = postprocess(
+        outputs,
+        ["semantic"] * len(crops),
+        [tuple(c.shape[1:]) for c in crops],
+        original_sizes,
+        [True, False, False],
+        thresholds_for("ade20k"),
+        padded_size=(height, width),
+    )
+    return [result.scores for result in results]
+
+
+def valid_crops(images):
+    return [images[index, :, :height, :width] for index, (height, width) in enumerate(TTA_SIZES)]
+
+
+def test_tta_single_scale_without_flip_is_plain_semantic_inference(tta_model_and_images):
+    model, images = tta_model_and_images
+    expected = semantic_scores_by_hand(model, valid_crops(images), TTA_SIZES)
+    got = semantic_multiscale_flip(model, images, TTA_SIZES, scales=(1.0,), flip=False)
+    for scores, reference, size in zip(got, expected, TTA_SIZES):
+        assert scores.shape == (3, *size)
+        assert torch.equal(scores, reference)
+
+
+def test_tta_flip_averages_with_the_flipped_run_flipped_back(tta_model_and_images):
+    model, images = tta_model_and_images
+    crops = valid_crops(images)
+    plain = semantic_scores_by_hand(model, crops, TTA_SIZES)
+    mirrored = semantic_scores_by_hand(model, [crop.flip(-1) for crop in crops], TTA_SIZES)
+    got = semantic_multiscale_flip(model, images, TTA_SIZES, scales=(1.0,), flip=True)
+    for scores, unflipped, flipped in zip(got, plain, mirrored):
+        torch.testing.assert_close(scores, (unflipped + flipped.flip(-1)) / 2, rtol=0, atol=1e-6)
+        assert not torch.allclose(unflipped, flipped.flip(-1), atol=1e-3)  # the flip really changes the run
+
+
+def test_tta_multiscale_averages_resized_runs_at_the_original_size(tta_model_and_images):
+    model, images = tta_model_and_images
+    scales, original_sizes = (0.5, 1.5), [(50, 70), (20, 30)]
+    per_scale = []
+    for scale in scales:
+        resized = [
+            F.interpolate(
+                crop[None],
+                size=(int(crop.shape[1] * scale + 0.5), int(crop.shape[2] * scale + 0.5)),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )[0]
+            for crop in valid_crops(images)
+        ]
+        per_scale.append(semantic_scores_by_hand(model, resized, original_sizes))
+    got = semantic_multiscale_flip(
+        model, images, TTA_SIZES, scales=scales, flip=False, original_sizes=original_sizes
+    )
+    for index, scores in enumerate(got):
+        assert scores.shape == (3, *original_sizes[index])
+        torch.testing.assert_close(scores, (per_scale[0][index] + per_scale[1][index]) / 2, rtol=0, atol=1e-6)
+        assert not torch.allclose(per_scale[0][index], per_scale[1][index], atol=1e-3)  # scales differ
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scales": ()}, "scales must hold at least one scale"),
+        ({"scales": (1.0, 0.0)}, r"scales must all be positive, got \(1.0, 0.0\)"),
+        ({"scales": (-0.5,)}, "scales must all be positive"),
+        ({"size_divisibility": 0}, "size_divisibility must be >= 1, got 0"),
+        ({"image_sizes": [(24, 30)]}, r"image_sizes must have one \(h, w\) per image \(2\), got 1"),
+        ({"image_sizes": [(24, 30), (40, 10)]}, r"image_sizes entry \(40, 10\) must be positive and within"),
+        ({"original_sizes": [(5, 5)]}, "original_sizes must have one"),
+    ],
+)
+def test_tta_bad_arguments_name_themselves(tta_model_and_images, kwargs, message):
+    model, images = tta_model_and_images
+    arguments = {"image_sizes": TTA_SIZES, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        semantic_multiscale_flip(model, images, **arguments)
+    with pytest.raises(ValueError, match="model must carry a 3-value pixel_mean"):
+        semantic_multiscale_flip(torch.nn.Identity(), images, TTA_SIZES)

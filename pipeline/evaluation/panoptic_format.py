@@ -6,6 +6,7 @@ per image, `segments_info` entries (id, category_id, iscrowd, area, ...) for the
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -40,20 +41,74 @@ def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
 
-def read_panoptic_png(path: str | Path) -> np.ndarray:
-    """Segment ids of a COCO panoptic PNG as uint32 [H, W].
+def read_panoptic_png(path: str | Path, out: np.ndarray | None = None) -> np.ndarray:
+    """Segment ids of a COCO panoptic PNG as uint32 [H, W], written into `out` when it is a C-contiguous
+    uint32 array of that shape (a reused buffer spares the page faults of a fresh 4-byte-per-pixel array).
 
-    Pillow keeps RGB pixels as 4 bytes in memory, so asking for raw RGBX bytes is a plain copy; read as
-    little-endian uint32 each pixel is R + 256 G + 256^2 B plus the padding byte, which the mask clears.
-    This is several times cheaper than converting three channels separately."""
+    Pillow keeps RGB pixels as 4 bytes in memory, so read as little-endian uint32 each pixel is
+    R + 256 G + 256^2 B plus a padding byte, which one mask clears: no per-channel arithmetic."""
     with Image.open(path) as image:
         if image.mode not in ("RGB", "RGBA"):
             raise EvaluationInputError(f"{path}: panoptic PNG must be RGB, got mode {image.mode}")
         if image.mode == "RGBA":
             image = image.convert("RGB")
-        raw = image.tobytes("raw", "RGBX")
-        ids = np.frombuffer(raw, dtype="<u4").reshape(image.height, image.width)
-    return ids & np.uint32(MAX_SEGMENT_ID)
+        image.load()
+        shape = (image.height, image.width)
+        if out is None or out.shape != shape or out.dtype != np.uint32 or not out.flags.c_contiguous:
+            out = np.empty(shape, dtype=np.uint32)
+        _mask_pixels_into(image, out)
+    return out
+
+
+def _mask_pixels_into(image: Image.Image, out: np.ndarray) -> None:
+    pixels, export = _pixel_words(image)
+    np.bitwise_and(pixels, np.uint32(MAX_SEGMENT_ID), out=out)
+    del pixels, export  # the view must not outlive the export that keeps Pillow's memory alive
+
+
+def _pixel_words(image: Image.Image) -> tuple[np.ndarray, object]:
+    """(uint32 [H, W] view of an RGB image's pixel memory, the object keeping that memory alive).
+
+    Pillow >= 11.2 exports its pixel memory through the Arrow C data interface without copying; older
+    Pillow, or an image spread over several memory blocks, takes the copying tobytes path instead."""
+    height, width = image.height, image.width
+    try:
+        capsule = image.im.__arrow_c_array__()
+        pointer = _capsule_pointer(capsule, b"arrow_array")
+    except (AttributeError, ValueError):
+        capsule = pointer = None
+    if pointer:
+        exported = _ArrowArray.from_address(pointer)
+        if exported.n_children == 1 and exported.offset == 0 and exported.length == height * width:
+            bytes_array = exported.children[0].contents  # fixed-size list of 4 uint8 per pixel
+            size_ok = bytes_array.length == 4 * height * width
+            if bytes_array.n_buffers == 2 and bytes_array.offset == 0 and size_ok:
+                words = ctypes.cast(bytes_array.buffers[1], ctypes.POINTER(ctypes.c_uint32))
+                return np.ctypeslib.as_array(words, shape=(height, width)), capsule
+    raw = image.tobytes("raw", "RGBX")
+    return np.frombuffer(raw, dtype="<u4").reshape(height, width), raw
+
+
+class _ArrowArray(ctypes.Structure):
+    """struct ArrowArray of the Arrow C data interface (a stable ABI)."""
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64),
+    ("null_count", ctypes.c_int64),
+    ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64),
+    ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.POINTER(_ArrowArray)),
+    ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p),
+]
+# A private prototype: setting restype/argtypes on ctypes.pythonapi's shared function would leak to others.
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi)
+)
 
 
 def write_panoptic_png(path: str | Path, ids: np.ndarray) -> None:
