@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 
-JobKind = Literal["train", "preprocess"]
+JobKind = Literal["train", "preprocess", "evaluate"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Where relative paths of a job file point. A submitted Ray job runs in a temporary copy of the working
 # directory, so a cluster job sets this (or uses absolute/URL paths) to keep outputs out of that copy.
@@ -135,22 +135,23 @@ class EvaluationSettings(_Section):
     metrics: list[Literal["pq", "ap", "miou"]] = Field(["pq", "ap", "miou"], description="Metrics to compute.")
     max_images: int | None = Field(None, ge=1, description="Evaluate on at most this many validation images.")
     semantic_multiscale: bool = Field(False, description="Multi-scale + flip test for semantic segmentation.")
-
-    @model_validator(mode="after")
-    def _multiscale_is_implemented(self) -> EvaluationSettings:
-        if self.semantic_multiscale:
-            import model.inference  # only then: it imports torch
-
-            if not hasattr(model.inference, "semantic_multiscale_flip"):
-                raise ValueError("semantic_multiscale needs model.inference.semantic_multiscale_flip, which this "
-                                 "checkout lacks; set it to false")
-        return self
+    checkpoint: str | None = Field(
+        None, description="kind evaluate: the model file to score (training exports <storage_path>/<name>/model/model.pt)."
+    )
+    shards: str | None = Field(
+        None, description="kind evaluate: folder (or URL) of the shards; default: stream.shards, else preprocess.output."
+    )
+    num_workers: int = Field(1, ge=1, description="kind evaluate: Ray workers, each scoring its part of the shards.")
+    output: str | None = Field(
+        None, description="kind evaluate: folder for predictions in the standard formats, pictures and metrics.json."
+    )
 
 
 class JobConfig(_Section):
     """A whole run. Which sections are needed depends on `kind`."""
 
-    kind: JobKind = Field(description="train (preprocesses first when the job has a preprocess section) or preprocess.")
+    kind: JobKind = Field(description="train (preprocesses first when the job has a preprocess section), preprocess, "
+                                      "or evaluate (scores evaluation.checkpoint on the validation shards).")
     name: str = Field(min_length=1, description="Job name, used for runs and output folders.")
     synthetic_dataset: SyntheticSettings | None = Field(
         None, description="Generate the embedded synthetic dataset at data.root first (skipped when present)."
@@ -167,7 +168,8 @@ class JobConfig(_Section):
 
     @model_validator(mode="after")
     def _sections_fit_the_kind(self) -> JobConfig:
-        required = {"preprocess": ("data", "preprocess"), "train": ("data", "stream", "model", "training")}[self.kind]
+        required = {"preprocess": ("data", "preprocess"), "train": ("data", "stream", "model", "training"),
+                    "evaluate": ("data",)}[self.kind]
         missing = [name for name in required if getattr(self, name) is None]
         if missing:
             raise ValueError(f"a {self.kind} job needs the section(s) {', '.join(missing)}")
@@ -175,7 +177,17 @@ class JobConfig(_Section):
             raise ValueError("synthetic_dataset needs a data section whose root receives the dataset")
         if self.kind == "train":
             self._check_training_layout()
+        if self.kind == "evaluate" and self.evaluation.checkpoint is None:
+            raise ValueError("an evaluate job needs evaluation.checkpoint, the model file to score")
+        if self.kind == "evaluate" and self.evaluation_shards() is None:
+            raise ValueError("an evaluate job needs evaluation.shards (or stream.shards, or a preprocess section)")
         return self
+
+    def evaluation_shards(self) -> str | None:
+        """The shard folder an evaluate job reads (split folders inside)."""
+        stream_shards = self.stream.shards if self.stream is not None else None
+        preprocess_output = self.preprocess.output if self.preprocess is not None else None
+        return self.evaluation.shards or stream_shards or preprocess_output
 
     def _check_training_layout(self) -> None:
         per_step = self.scaling.num_workers * self.stream.batch_size * self.training.gradient_accumulation_steps
@@ -285,6 +297,9 @@ def _resolve_paths(job: JobConfig) -> None:
     if job.tracking.tracking_uri.startswith("sqlite:///") and not job.tracking.tracking_uri.startswith("sqlite:////"):
         job.tracking.tracking_uri = "sqlite:///" + resolve_path(job.tracking.tracking_uri.removeprefix("sqlite:///"))
     job.scaling.storage_path = resolve_path(job.scaling.storage_path)
+    for name in ("checkpoint", "output", "shards"):
+        if getattr(job.evaluation, name) is not None:
+            setattr(job.evaluation, name, resolve_path(getattr(job.evaluation, name)))
 
 
 def _check_inputs_exist(job: JobConfig, source: str) -> None:
@@ -292,6 +307,7 @@ def _check_inputs_exist(job: JobConfig, source: str) -> None:
     inputs = {
         "model.weights": job.model and job.model.weights,
         "model.backbone_weights": job.model and job.model.backbone_weights,
+        "evaluation.checkpoint": job.kind == "evaluate" and job.evaluation.checkpoint,
     }
     if job.preprocess is not None and job.synthetic_dataset is None:
         inputs["data.root"] = job.data.root

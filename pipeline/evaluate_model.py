@@ -240,10 +240,6 @@ def _build_request(checkpoint, shards, classes, metrics, num_workers, max_images
     if class_info.num_classes != config.num_classes:
         raise ValueError(f"the model predicts {config.num_classes} classes but the class list "
                          f"({classes or 'shard manifest'}) has {class_info.num_classes}")
-    if multiscale:
-        from pipeline.validate import load_semantic_multiscale_flip
-
-        load_semantic_multiscale_flip()
     return EvaluationRequest(
         checkpoint=str(Path(checkpoint).resolve()), shards=_absolute(str(shards)), classes=class_info,
         metrics=tuple(metrics), max_images=max_images, batch_size=batch_size, multiscale=multiscale,

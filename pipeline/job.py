@@ -47,12 +47,32 @@ def _connect_ray(job: JobConfig) -> bool:
     """One Ray connection for every stage of the job; True when this process started Ray."""
     import ray
 
-    uses_ray = job.kind == "train" or job.preprocess.executor == "ray"
+    uses_ray = (job.kind == "train" or (job.kind == "evaluate" and job.evaluation.num_workers > 1)
+                or (job.preprocess is not None and job.preprocess.executor == "ray"))
     if not uses_ray or ray.is_initialized():
         return False
-    address = job.scaling.ray_address if job.kind == "train" else job.preprocess.ray_address
+    address = job.preprocess.ray_address if job.kind == "preprocess" else job.scaling.ray_address
     ray.init(address=address)
     return True
+
+
+def run_evaluation_stage(job: JobConfig) -> dict:
+    from rich.console import Console
+
+    from pipeline.evaluate import model_tables
+    from pipeline.evaluate_model import evaluate_model
+
+    evaluation = job.evaluation
+    result = evaluate_model(evaluation.checkpoint, f"{job.evaluation_shards().rstrip('/')}/{job.data.val_split}", metrics=evaluation.metrics,
+                            num_workers=evaluation.num_workers, max_images=evaluation.max_images,
+                            multiscale=evaluation.semantic_multiscale, out=evaluation.output,
+                            pictures=job.tracking.log_pictures)
+    console = Console()
+    for table in model_tables(result):
+        console.print(table)
+    if evaluation.output is not None:
+        print(f"predictions, pictures and metrics.json: {evaluation.output}")
+    return result
 
 
 def run_job(job: JobConfig) -> None:
@@ -66,6 +86,8 @@ def run_job(job: JobConfig) -> None:
             from pipeline.train import run_training
 
             run_training(job)
+        elif job.kind == "evaluate":
+            run_evaluation_stage(job)
     finally:
         if started_ray:
             import ray

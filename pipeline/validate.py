@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.inference import InferenceThresholds, SemanticResult, postprocess
+from model.inference import InferenceThresholds, SemanticResult, postprocess, semantic_multiscale_flip
 from pipeline.data.readers import ClassInfo
 from pipeline.evaluation.instance import InstanceEvaluator
 from pipeline.evaluation.panoptic import PanopticEvaluator
@@ -72,18 +72,6 @@ def png_name(image_id: str) -> str:
     if isinstance(converted, int):
         return f"{converted:012d}.png"
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", converted) + ".png"
-
-
-def load_semantic_multiscale_flip():
-    """model.inference.semantic_multiscale_flip, or a ValueError saying that this checkout lacks it."""
-    try:
-        from model.inference import semantic_multiscale_flip
-    except ImportError as error:
-        raise ValueError(
-            "semantic_multiscale=True needs model.inference.semantic_multiscale_flip, which this checkout "
-            "does not have; evaluate with semantic_multiscale=False"
-        ) from error
-    return semantic_multiscale_flip
 
 
 class ExactPanopticTally:
@@ -161,7 +149,6 @@ class Validator:
         if pictures < 0:
             raise ValueError(f"pictures must be >= 0, got {pictures}")
         if semantic_multiscale:
-            load_semantic_multiscale_flip()  # fail at construction, not at the first semantic batch
             if not multiscale_scales or min(multiscale_scales) <= 0:
                 raise ValueError(f"multiscale_scales must be positive factors, got {tuple(multiscale_scales)}")
         self.classes = classes
@@ -203,7 +190,7 @@ class Validator:
 
     def _predict(self, model, images: torch.Tensor, sizes: list[tuple[int, int]], task: str) -> list:
         if task == "semantic" and self.semantic_multiscale:
-            probabilities = load_semantic_multiscale_flip()(
+            probabilities = semantic_multiscale_flip(
                 model, images, sizes, scales=self.multiscale_scales, flip=self.multiscale_flip,
                 size_divisibility=self.size_divisibility)
             return [SemanticResult(scores=p, labels=p.argmax(0)) for p in probabilities]

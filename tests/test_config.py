@@ -40,6 +40,9 @@ def test_every_shipped_job_validates_and_runs_as_a_script(job_file, tmp_path, mo
     if "synthetic_dataset" not in document:
         monkeypatch.setenv("ONEFORMER_WORKDIR", str(tmp_path))
         (tmp_path / document["data"]["root"]).mkdir(parents=True)
+    if document["kind"] == "evaluate":  # the model file it scores is an input
+        (tmp_path / document["evaluation"]["checkpoint"]).parent.mkdir(parents=True)
+        (tmp_path / document["evaluation"]["checkpoint"]).touch()
     job = load_job(job_file)
     assert job.name
     first_line = job_file.read_text().splitlines()[0]
@@ -145,3 +148,12 @@ def test_relative_paths_resolve_against_the_work_directory(tmp_path, monkeypatch
     job = load_job(write_job(tmp_path, document))
     assert job.scaling.storage_path == "s3://bucket/runs"
     assert job.data.root == "/absolute/data"
+
+
+def test_evaluate_jobs_need_an_existing_model_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("ONEFORMER_WORKDIR", str(tmp_path))
+    document = yaml.safe_load((DEMO.parent / "evaluate_demo.yaml").read_text())
+    (tmp_path / document["data"]["root"]).mkdir(parents=True)
+    expect_error(tmp_path, document, "evaluation.checkpoint", "file not found", "runs/demo_cpu/model/model.pt")
+    del document["evaluation"]["checkpoint"]
+    expect_error(tmp_path, document, "an evaluate job needs evaluation.checkpoint")

@@ -1,8 +1,10 @@
 """Streams: disjoint node/worker splits, deterministic and resumable training streams, augmentation
-geometry, evaluation at original size, corrupt samples skipped and counted."""
+geometry, evaluation at original size, corrupt samples skipped and counted; the colour jitter against the
+official float arithmetic and real-valued HSV."""
 
 from __future__ import annotations
 
+import colorsys
 import io
 import tarfile
 from itertools import islice
@@ -10,8 +12,17 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from pipeline.data.augment import PIXEL_MEAN
+from pipeline.data import augment as augment_module
+from pipeline.data.augment import (
+    PIXEL_MEAN,
+    JitterPlan,
+    affine_table,
+    apply_jitter,
+    apply_table,
+    hue_saturation,
+)
 from pipeline.data.preprocess import run_preprocess
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 from pipeline.data.stream import PanopticShardStream, build_eval_loader, build_train_loader
@@ -143,11 +154,60 @@ def test_eval_stream_keeps_original_sizes_and_annotations(shards):
         assert np.all(batch["images"][0, :, height:, :].numpy() == np.array(PIXEL_MEAN, np.float32)[:, None, None])
 
 
-def test_colour_lookup_tables_equal_float_arithmetic():
-    from pipeline.data.augment import _convert
+def _float_convert(values, alpha=1.0, beta=0.0):
+    """The official ColorAugSSDTransform.convert: float32 arithmetic, clip, truncation to uint8."""
+    return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
-    values = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+
+def _exact_hue_saturation(planes, saturation, hue_shift):
+    """Real-valued HSV (colorsys) per pixel: S scaled and capped at 1, hue + hue_shift * 2 degrees."""
+    out = np.empty_like(planes)
+    for row in range(planes.shape[1]):
+        for col in range(planes.shape[2]):
+            hue, sat, value = colorsys.rgb_to_hsv(*(planes[:, row, col] / 255.0))
+            sat = sat if saturation is None else min(sat * saturation, 1.0)
+            rgb = colorsys.hsv_to_rgb((hue + hue_shift / 180.0) % 1.0, sat, value)
+            out[:, row, col] = np.floor(np.array(rgb) * 255 + 0.5)
+    return out
+
+
+def test_colour_tables_equal_float_arithmetic():
+    values = np.random.default_rng(0).integers(0, 256, (3, 40, 50), dtype=np.uint8)
     for alpha, beta in ((1.4, -20.0), (0.6, 0.0), (1.0, 31.5)):
-        want = np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-        assert np.array_equal(_convert(values, alpha, beta), want)
-        assert np.array_equal(_convert(values[..., 1], alpha, beta), want[..., 1])
+        assert np.array_equal(apply_table(values, affine_table(alpha, beta)), _float_convert(values, alpha, beta))
+    fused = affine_table(1.3)[affine_table(beta=-17.0)]  # brightness, then contrast
+    assert np.array_equal(apply_table(values, fused), _float_convert(_float_convert(values, beta=-17.0), 1.3))
+
+
+@pytest.mark.parametrize("saturation,hue_shift", [(None, 18), (None, -18), (None, 1), (1.5, 0), (0.5, 7),
+                                                  (1.37, -11), (0.73, 18)])
+def test_hue_saturation_is_within_one_level_of_exact_hsv(monkeypatch, saturation, hue_shift):
+    monkeypatch.setattr(augment_module, "HSV_BLOCK_PIXELS", 500)  # several blocks, one of them partial
+    planes = np.random.default_rng(1).integers(0, 256, (3, 30, 41), dtype=np.uint8)
+    planes[:, :3] = planes[0, :3]  # grey pixels (no hue) included
+    got = hue_saturation(planes, saturation, hue_shift).astype(int)
+    assert np.abs(got - _exact_hue_saturation(planes, saturation, hue_shift)).max() <= 1
+    assert np.array_equal(hue_saturation(planes, 1.0, 0), planes)  # identity parameters change nothing
+    with pytest.raises(ValueError, match="planes"):
+        hue_saturation(planes.transpose(1, 2, 0), saturation, hue_shift)
+
+
+@pytest.mark.parametrize("plan", [
+    JitterPlan(brightness=20.5, contrast=1.4, contrast_first=True, saturation=0.7, hue_shift=-5),
+    JitterPlan(brightness=-31.0, contrast=0.6, contrast_first=False, saturation=None, hue_shift=12),
+    JitterPlan(brightness=10.0, contrast=1.2, contrast_first=False, saturation=None, hue_shift=None),
+    JitterPlan(brightness=None, contrast=None, contrast_first=True, saturation=1.3, hue_shift=None),
+    JitterPlan(brightness=None, contrast=None, contrast_first=False, saturation=None, hue_shift=None),
+])
+def test_fused_jitter_equals_the_official_step_order(plan):
+    hwc = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    want = hwc.transpose(2, 0, 1)
+    if plan.brightness is not None:
+        want = _float_convert(want, beta=plan.brightness)
+    if plan.contrast_first and plan.contrast is not None:
+        want = _float_convert(want, alpha=plan.contrast)
+    if plan.saturation is not None or plan.hue_shift is not None:
+        want = hue_saturation(np.ascontiguousarray(want), plan.saturation, plan.hue_shift or 0)
+    if not plan.contrast_first and plan.contrast is not None:
+        want = _float_convert(want, alpha=plan.contrast)
+    assert np.array_equal(apply_jitter(Image.fromarray(hwc), plan), want)

@@ -209,3 +209,21 @@ def test_wide_segment_tables_use_16_bit_maps():
     assert np.array_equal(decode_index_map(encode_index_map(index_map)), index_map)
     _, masks = task_targets(index_map, table, "panoptic")
     assert masks.shape == (300, 15, 20) and torch.equal(masks.sum(0), torch.ones(15, 20, dtype=torch.long))
+
+
+def test_padded_targets_keep_padding_out_of_every_mask():
+    from pipeline.data.targets import SegmentTable
+
+    index_map = np.array([[1, 1, 2], [3, 0, 2]], np.uint8)
+    table = SegmentTable(np.array([10, 20, 30]), np.array([4, 1, 4]), np.array([True, False, True]),
+                         np.zeros(3, bool))
+    for task in TASKS:
+        labels, masks = task_targets(index_map, table, task)
+        padded_labels, padded = task_targets(index_map, table, task, padded_shape=(4, 5))
+        assert torch.equal(labels, padded_labels) and padded.shape == (len(labels), 4, 5)
+        assert torch.equal(padded[:, :2, :3], masks) and not padded[:, 2:].any() and not padded[:, :, 3:].any()
+    assert task_targets(index_map, table, "semantic")[0].tolist() == [1, 4]
+    with pytest.raises(ValueError, match="padded_shape"):
+        task_targets(index_map, table, "panoptic", padded_shape=(1, 5))
+    with pytest.raises(ValueError, match="index_map values"):
+        task_targets(np.array([[4]]), table, "panoptic")

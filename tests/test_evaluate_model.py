@@ -11,18 +11,19 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-import model.inference
+import pipeline.validate
 from model import make_config
 from model.convert import build_from_config, save_checkpoint
 from model.inference import InferenceThresholds
-from pipeline.config import EvaluationSettings
 from pipeline.data.preprocess import run_preprocess
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 from pipeline.data.stream import build_eval_loader
 from pipeline.evaluate import main as evaluate_main
 from pipeline.evaluate_model import evaluate_model, read_classes
+from pipeline.job import main as job_main
 from pipeline.synthetic import GeneratorSettings, generate_dataset
 from pipeline.validate import DEFAULT_MULTISCALE_SCALES, Validator
 
@@ -213,7 +214,7 @@ def test_multiscale_flag_routes_semantic_through_the_multiscale_function(data, b
         return [torch.nn.functional.one_hot(torch.zeros(size, dtype=torch.long), NUM_CLASSES).permute(2, 0, 1).float()
                 for size in image_sizes]
 
-    monkeypatch.setattr(model.inference, "semantic_multiscale_flip", all_class_zero, raising=False)
+    monkeypatch.setattr(pipeline.validate, "semantic_multiscale_flip", all_class_zero)
     validator = Validator(read_classes(str(data["val"])), THRESHOLDS, ["miou"], semantic_multiscale=True,
                           multiscale_scales=(0.5, 1.5), size_divisibility=32)
     _evaluate(validator, OracleModel(batches), batches)
@@ -228,8 +229,6 @@ def test_multiscale_flag_routes_semantic_through_the_multiscale_function(data, b
     assert all(value == 0 or np.isnan(value) for value in accuracy[1:])
 
 
-@pytest.mark.skipif(not hasattr(model.inference, "semantic_multiscale_flip"),
-                    reason="model.inference.semantic_multiscale_flip is another engineer's issue, not merged yet")
 def test_multiscale_at_scale_one_without_flip_equals_the_plain_path(data, batches):
     from model.convert import load_checkpoint
 
@@ -238,19 +237,20 @@ def test_multiscale_at_scale_one_without_flip_equals_the_plain_path(data, batche
     plain = _evaluate(Validator(classes, THRESHOLDS, ["miou"]), tiny, batches)
     single_scale = _evaluate(Validator(classes, THRESHOLDS, ["miou"], semantic_multiscale=True,
                                        multiscale_scales=(1.0,), multiscale_flip=False), tiny, batches)
-    several = _evaluate(Validator(classes, THRESHOLDS, ["miou"], semantic_multiscale=True,
-                                  multiscale_scales=(0.5, 1.5)), tiny, batches)
     assert np.array_equal(single_scale.evaluators["miou"].confusion, plain.evaluators["miou"].confusion)
-    assert not np.array_equal(several.evaluators["miou"].confusion, plain.evaluators["miou"].confusion)
 
 
-@pytest.mark.skipif(hasattr(model.inference, "semantic_multiscale_flip"),
-                    reason="the multi-scale function exists; the test above covers the flag")
-def test_multiscale_without_the_function_fails_at_construction(data):
-    with pytest.raises(ValueError, match="semantic_multiscale_flip"):
-        _validator(data, semantic_multiscale=True)
-    with pytest.raises(ValueError, match="semantic_multiscale_flip"):
-        EvaluationSettings(semantic_multiscale=True)  # a job file asking for it fails at load time
+def test_evaluate_job_file_scores_the_checkpoint_like_the_command(data, cli_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("ONEFORMER_WORKDIR", str(data["root"]))
+    job_file = tmp_path / "evaluate.yaml"
+    job_file.write_text(yaml.safe_dump({
+        "kind": "evaluate", "name": "evaluate_test",
+        "data": {"format": "custom_coco_panoptic", "root": "raw"},
+        "evaluation": {"checkpoint": "model.pt", "shards": "shards", "output": str(tmp_path / "out")},
+        "tracking": {"log_pictures": 2},
+    }))
+    assert job_main([str(job_file)]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["summary"] == cli_run[1]["summary"]
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -2,7 +2,8 @@
 
 Per worker process the training stream is: the epoch's shard order (seeded) -> this node's and this worker's
 part (explicit splitters: by shard when there are enough shards, else by sample) -> WebDataset tar reading ->
-seeded shuffle buffer -> decode -> augmentation, task sampling, targets and text tokens -> batch. Everything
+seeded shuffle buffer -> decode -> augmentation, task sampling, target plan and text tokens -> batch (images
+become float and masks are rendered there, straight at the padded size). Everything
 random about a sample (augmentation and task) is drawn from a generator seeded by (seed, epoch, sample key),
 so it does not depend on the worker layout; the order depends on seed, epoch and layout only.
 
@@ -14,6 +15,7 @@ so no sample is repeated or skipped.
 
 from __future__ import annotations
 
+import io
 import logging
 import zlib
 from collections.abc import Iterator
@@ -23,17 +25,21 @@ import fsspec
 import numpy as np
 import torch
 import webdataset as wds
+from PIL import Image
 
 from pipeline.data.augment import PIXEL_MEAN, AugmentParams, augment
 from pipeline.data.settings import StreamSettings
 from pipeline.data.shards import (
+    IMAGE_EXTENSIONS,
     DecodedSample,
     SchemaVersionError,
+    decode_index_map,
+    decode_meta,
     decode_sample,
     manifest_classes,
     read_manifest,
 )
-from pipeline.data.targets import TASKS, TextTokenTable, task_targets
+from pipeline.data.targets import TASKS, SegmentTable, TextTokenTable, plan_targets, render_masks
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +111,8 @@ def pick_task(u: float, thresholds: tuple[float, float]) -> str:
 
 # ---------------------------------------------------------------------------------------------- collation
 def pad_images(images: list[torch.Tensor], pad_value: tuple[float, float, float], divisibility: int) -> torch.Tensor:
-    """float [3, h, w] images -> [B, 3, H, W], H and W the batch maxima rounded up to `divisibility`."""
+    """[3, h, w] images (uint8 or float, any strides) -> float32 [B, 3, H, W], H and W the batch maxima rounded
+    up to `divisibility`; the float conversion happens in the one copy into the batch."""
     height = -(-max(image.shape[1] for image in images) // divisibility) * divisibility
     width = -(-max(image.shape[2] for image in images) // divisibility) * divisibility
     batch = torch.empty((len(images), 3, height, width), dtype=torch.float32)
@@ -118,10 +125,31 @@ def pad_images(images: list[torch.Tensor], pad_value: tuple[float, float, float]
     return batch
 
 
-def pad_masks(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    padded = torch.zeros((masks.shape[0], height, width), dtype=torch.bool)
-    padded[:, : masks.shape[1], : masks.shape[2]] = masks
-    return padded
+# ---------------------------------------------------------------------------------------------- decoding
+def decode_training_sample(raw: dict) -> DecodedSample:
+    """decode_sample's checks, but DecodedSample.image is the decoded PIL RGB image: augmentation resizes it
+    as one, so an array would only be converted straight back (a full-image copy each way)."""
+    meta = decode_meta(raw)
+    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
+    if image_key is None or "seg.png" not in raw:
+        raise ValueError(f"sample {raw.get('__key__')!r} lacks an image or seg.png member")
+    picture = Image.open(io.BytesIO(raw[image_key]))
+    picture.load()
+    if picture.mode != "RGB":
+        picture = picture.convert("RGB")
+    index_map = decode_index_map(raw["seg.png"])
+    if picture.size[::-1] != index_map.shape or index_map.shape != (meta["height"], meta["width"]):
+        raise ValueError(
+            f"sample {raw.get('__key__')!r}: image {picture.size[::-1]}, seg {index_map.shape} and meta "
+            f"({meta['height']}, {meta['width']}) sizes differ"
+        )
+    table = SegmentTable(
+        segment_ids=np.asarray(meta["segment_ids"], np.int64),
+        classes=np.asarray(meta["classes"], np.int64),
+        isthing=np.asarray(meta["isthing"], bool),
+        iscrowd=np.asarray(meta["iscrowd"], bool),
+    )
+    return DecodedSample(raw["__key__"], str(meta["image_id"]), picture, index_map, table)
 
 
 @dataclass
@@ -208,21 +236,23 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
 
     # ---- one sample
     def _prepare(self, decoded: DecodedSample, epoch: int) -> dict:
-        image, index_map = decoded.image, decoded.index_map
+        """Everything per sample but the masks, which are rendered at collation straight at the padded size."""
         sample = {"image_id": decoded.image_id}
         if not self.training:
-            sample["index_map"] = torch.from_numpy(index_map.astype(np.int64))
+            sample["index_map"] = torch.from_numpy(decoded.index_map.astype(np.int64))
             sample["segments"] = decoded.table
-        else:
-            rng = np.random.default_rng(sample_seed(self.seed, epoch, decoded.key))
-            task = pick_task(rng.uniform(), self.task_thresholds)
-            classes_of_value = np.concatenate([[-1], np.where(decoded.table.iscrowd, -1, decoded.table.classes)])
-            image, index_map = augment(image, index_map, classes_of_value, self.augment_params, rng)
-            labels, masks = task_targets(torch.from_numpy(index_map.astype(np.int64)), decoded.table, task)
-            if self._tokens is None:
-                self._tokens = TextTokenTable(self.classes.names, self.num_text_slots)
-            sample.update(task=task, labels=labels, masks=masks, text_tokens=self._tokens.tokens(labels, task))
-        sample["image"] = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float()
+            image = np.require(decoded.image, requirements=["C", "W"])
+            sample["image"] = torch.from_numpy(image).permute(2, 0, 1)
+            return sample
+        rng = np.random.default_rng(sample_seed(self.seed, epoch, decoded.key))
+        task = pick_task(rng.uniform(), self.task_thresholds)
+        classes_of_value = np.concatenate([[-1], np.where(decoded.table.iscrowd, -1, decoded.table.classes)])
+        planes, index_map = augment(decoded.image, decoded.index_map, classes_of_value, self.augment_params, rng)
+        plan = plan_targets(index_map, decoded.table, task)
+        if self._tokens is None:
+            self._tokens = TextTokenTable(self.classes.names, self.num_text_slots)
+        sample.update(task=task, index_map=index_map, plan=plan, image=torch.from_numpy(planes),
+                      text_tokens=self._tokens.tokens(plan.labels, task))
         return sample
 
     def _collate(self, samples: list[dict], position: dict) -> dict:
@@ -234,9 +264,10 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
             "position": position,
         }
         if self.training:
-            height, width = images.shape[2:]
+            padded = tuple(images.shape[2:])
             batch["tasks"] = [s["task"] for s in samples]
-            batch["targets"] = [{"labels": s["labels"], "masks": pad_masks(s["masks"], height, width)} for s in samples]
+            batch["targets"] = [{"labels": s["plan"].labels, "masks": render_masks(s["index_map"], s["plan"], padded)}
+                                for s in samples]
             batch["text_tokens"] = torch.stack([s["text_tokens"] for s in samples])
         else:
             batch["index_maps"] = [s["index_map"] for s in samples]
@@ -266,7 +297,8 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
 
     def _decode_or_skip(self, raw: dict, cursor: _WorkerCursor) -> dict | None:
         try:
-            return self._prepare(decode_sample(raw), cursor.epoch)
+            decode = decode_training_sample if self.training else decode_sample
+            return self._prepare(decode(raw), cursor.epoch)
         except SchemaVersionError:
             raise
         except Exception as error:  # a corrupt member raises from PIL, zlib or json; count it and go on

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from pipeline.data.readers import ClassInfo
 
@@ -75,34 +76,83 @@ def encode_panoptic(ids: np.ndarray, segments: tuple[dict, ...] | list[dict], cl
     return index_map, table
 
 
-def task_targets(index_map: np.ndarray | torch.Tensor, table: SegmentTable, task: str):
-    """Targets of one task on a (cropped) segment-index map: (labels int64 [T], masks bool [T, H, W]).
+@dataclass
+class TargetPlan:
+    """Which masks one task's targets hold, so that rendering them is at most one table lookup and T
+    comparisons: mask t is `lookup(index_map) == match[t]`, the lookup being `value_to_rank` (semantic: map
+    value -> 1 + rank of its class among the labels, 0 for none) or, without one, the map itself."""
 
-    semantic: one mask per class present (things and stuff of a class merged), in class order;
+    labels: torch.Tensor  # int64 [T]
+    match: np.ndarray  # [T]
+    value_to_rank: np.ndarray | None = None  # uint8 / uint16 [S + 1]
+
+
+def _value_counts(index_map: np.ndarray, num_values: int) -> np.ndarray:
+    """Pixel count per map value. Segment maps are long runs of one value, so a single histogram is a chain
+    of increments of one counter; for 8-bit maps PIL counts the bytes as four interleaved RGBA bands (four
+    independent chains, summed after), which is faster than numpy's or torch's bincount."""
+    flat = np.ascontiguousarray(index_map).reshape(-1)
+    if index_map.dtype != np.uint8:
+        return np.bincount(flat, minlength=num_values)[:num_values]
+    whole = flat.size - flat.size % 4
+    counts = np.bincount(flat[whole:], minlength=256)
+    if whole:
+        quads = Image.frombuffer("RGBA", (whole // 4, 1), flat[:whole], "raw", "RGBA", 0, 1)
+        counts += np.asarray(quads.histogram()).reshape(4, 256).sum(0)
+    return counts[:num_values]
+
+
+def plan_targets(index_map: np.ndarray, table: SegmentTable, task: str) -> TargetPlan:
+    """semantic: one mask per class present (things and stuff of a class merged), in class order;
     instance: thing segments only; panoptic: every segment; crowd segments are dropped for every task and
     segments with no pixel left are skipped."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    index_map = torch.as_tensor(np.asarray(index_map).astype(np.int64)) if isinstance(index_map, np.ndarray) \
-        else index_map.long()
+    if index_map.dtype not in (np.uint8, np.uint16):
+        raise ValueError(f"index_map must be uint8 or uint16, got {index_map.dtype}")
     num_segments = len(table)
-    keep = ~torch.from_numpy(table.iscrowd)
+    keep = ~table.iscrowd & (_value_counts(index_map, num_segments + 1)[1:] > 0)
     if task == "instance":
-        keep &= torch.from_numpy(table.isthing)
-    counts = torch.bincount(index_map.reshape(-1), minlength=num_segments + 1)[1:]
-    keep &= counts > 0
-    classes = torch.from_numpy(table.classes)
-    if task == "semantic":
-        # Lookup table: map value -> class (void and dropped segments -> -1), then one mask per class.
-        class_of_value = torch.full((num_segments + 1,), -1, dtype=torch.int64)
-        class_of_value[1:][keep] = classes[keep]
-        class_map = class_of_value[index_map]
-        labels = torch.unique(classes[keep])
-        masks = class_map.unsqueeze(0) == labels.view(-1, 1, 1)
-        return labels, masks
-    values = torch.nonzero(keep).view(-1) + 1
-    masks = index_map.unsqueeze(0) == values.view(-1, 1, 1)
-    return classes[values - 1], masks
+        keep &= table.isthing
+    if task != "semantic":  # one mask per kept segment, matched by its own map value
+        return TargetPlan(torch.from_numpy(table.classes[keep]), np.nonzero(keep)[0] + 1)
+    labels, rank = np.unique(table.classes[keep], return_inverse=True)
+    value_to_rank = np.zeros(num_segments + 1, np.uint8 if num_segments < 256 else np.uint16)
+    value_to_rank[1:][keep] = rank.reshape(-1) + 1
+    return TargetPlan(torch.from_numpy(labels.astype(np.int64)), np.arange(1, len(labels) + 1), value_to_rank)
+
+
+def render_masks(index_map: np.ndarray, plan: TargetPlan, padded_shape: tuple[int, int] | None = None):
+    """bool [T, H, W] masks of a plan; with padded_shape, at that size with the padding in no mask."""
+    height, width = padded_shape or index_map.shape
+    if height < index_map.shape[0] or width < index_map.shape[1]:
+        raise ValueError(f"padded_shape {padded_shape} is smaller than the index map {index_map.shape}")
+    lookup = plan.value_to_rank
+    if lookup is None:
+        row_map = index_map
+    elif lookup.dtype == np.uint8 and index_map.dtype == np.uint8:  # PIL's point() is the fast uint8 table
+        table = lookup.tolist() + [0] * (256 - len(lookup))
+        row_map = np.asarray(Image.fromarray(np.ascontiguousarray(index_map)).point(table))
+    else:
+        row_map = lookup[index_map]
+    if row_map.shape != (height, width):
+        padded = np.zeros((height, width), row_map.dtype)
+        padded[: row_map.shape[0], : row_map.shape[1]] = row_map
+        row_map = padded
+    return torch.from_numpy(row_map[None] == plan.match.astype(row_map.dtype)[:, None, None])
+
+
+def task_targets(index_map: np.ndarray | torch.Tensor, table: SegmentTable, task: str,
+                 padded_shape: tuple[int, int] | None = None):
+    """Targets of one task on a (cropped) segment-index map: (labels int64 [T], masks bool [T, H, W]); see
+    plan_targets for which masks, render_masks for padded_shape."""
+    index_map = np.asarray(index_map)
+    if index_map.dtype not in (np.uint8, np.uint16):
+        if index_map.size and (index_map.min() < 0 or index_map.max() > len(table)):
+            raise ValueError(f"index_map values must lie in [0, {len(table)}], got {index_map.min()}..{index_map.max()}")
+        index_map = index_map.astype(np.uint8 if len(table) < 256 else np.uint16)
+    plan = plan_targets(index_map, table, task)
+    return plan.labels, render_masks(index_map, plan, padded_shape)
 
 
 def text_list(labels: torch.Tensor | np.ndarray, task: str, class_names: tuple[str, ...], num_slots: int):
