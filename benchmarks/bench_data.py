@@ -24,10 +24,10 @@ from pipeline.data.augment import PIXEL_MEAN, augment
 from pipeline.data.preprocess import plan_shards, write_shard
 from pipeline.data.readers import read_split
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
+from pipeline.data.shards import decode_sample
 from pipeline.data.stream import (
     PanopticShardStream,
     augment_params_from_settings,
-    decode_training_sample,
     pick_task,
     sample_seed,
 )
@@ -74,7 +74,7 @@ def _stream_breakdown(stream: PanopticShardStream) -> dict[str, float]:
     raws = list(stream._epoch_raw(0, 0, 1))
     stages = {"read tar": _cpu_seconds(lambda: list(stream._epoch_raw(0, 0, 1)))}
     decoded: list = []
-    stages["decode jpeg+png"] = _cpu_seconds(lambda: decoded.extend(decode_training_sample(r) for r in raws))
+    stages["decode jpeg+png"] = _cpu_seconds(lambda: decoded.extend(decode_sample(r, keep_pil_image=True) for r in raws))
     augmented: list = []
 
     def run_augment():

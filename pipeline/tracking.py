@@ -26,6 +26,16 @@ def resolve_tracking_uri(job: JobConfig) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or job.tracking.tracking_uri
 
 
+def create_local_store(tracking_uri: str) -> None:
+    """Create a SQLite store's schema now, on the driver: MLflow's migrations are not atomic, and a worker group
+    restarted while rank 0 was running them would find a half-made store ("table ... already exists")."""
+    if tracking_uri.startswith("sqlite:///"):
+        import mlflow
+
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.MlflowClient(tracking_uri).search_experiments(max_results=1)
+
+
 def _git_commit() -> str:
     try:
         root = Path(__file__).resolve().parent.parent
@@ -50,6 +60,7 @@ class RunTracker:
         self._retry_interval_s = retry_interval_s
         self._unreachable_since: float | None = None
         mlflow.set_tracking_uri(tracking_uri)
+        create_local_store(tracking_uri)
         _ensure_experiment(mlflow, tracking_uri, job.tracking.experiment)
         self.run = mlflow.start_run(run_id=run_id, run_name=job.tracking.run_name or job.name)
         if run_id is None:
@@ -127,7 +138,6 @@ def _ensure_experiment(mlflow, tracking_uri: str, name: str) -> None:
         artifact_location = None
         if tracking_uri.startswith("sqlite:///"):
             database = Path(tracking_uri.removeprefix("sqlite:///"))
-            database.parent.mkdir(parents=True, exist_ok=True)
             artifact_location = (database.parent / "artifacts").resolve().as_uri()
         try:
             mlflow.create_experiment(name, artifact_location=artifact_location)

@@ -19,7 +19,7 @@ import torch
 
 from pipeline.config import JobConfig
 from pipeline.distributed import configure_deepspeed_environment
-from pipeline.tracking import resolve_tracking_uri
+from pipeline.tracking import create_local_store, resolve_tracking_uri
 
 log = logging.getLogger("pipeline.train")
 CHECKPOINT_TAG = "state"
@@ -124,10 +124,11 @@ class Trainer:
         window = _ThroughputWindow()
         batches = iter(self.loader)
         while self.step < self.job.training.max_steps:
-            for _ in range(accumulation):
+            for micro_step in range(accumulation):
                 waited = time.perf_counter()
                 batch = next(batches)
                 window.data_wait += time.perf_counter() - waited
+                self._seed_micro_step(micro_step)
                 step_terms = self.train_step(batch)
                 window.images += len(batch["tasks"])
             self.step += 1
@@ -147,6 +148,13 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log_metrics(validation, self.step)
             self.tracker.finish()
+
+    def _seed_micro_step(self, micro_step: int) -> None:
+        """Seed torch's generators from (seed, rank, step, micro-step): point sampling, dropout and drop-path then
+        repeat exactly after a resume, whatever else drew from the global generator before (a data-loader
+        iterator takes its base seed from it when it is created)."""
+        key = [self.job.training.seed, self.rank, self.step, micro_step]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0]))
 
     def _is_validation_step(self) -> bool:
         return self.job.training.eval_every is not None and self.step % self.job.training.eval_every == 0
@@ -338,6 +346,7 @@ def run_training(job: JobConfig):
     from ray.train.torch import TorchTrainer
 
     configure_deepspeed_environment(job.scaling.use_gpu)
+    create_local_store(resolve_tracking_uri(job))
     if not ray.is_initialized():
         ray.init(address=job.scaling.ray_address)
     trainer = TorchTrainer(

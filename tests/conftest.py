@@ -20,3 +20,15 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def tracking_uri_unchanged():
+    """`mlflow.set_tracking_uri` also sets MLFLOW_TRACKING_URI in the environment, which the trainer rightly
+    obeys: a tracker made in one test must not redirect the jobs of the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

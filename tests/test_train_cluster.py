@@ -9,6 +9,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def final_step(workdir: Path, name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ ray job submit
-RAY_AUTH = {"RAY_AUTH_MODE": "token"}
+# Token authentication with a token of this test session's own (a fresh machine has no ~/.ray/auth_token):
+# the head, the jobs it runs and the `ray job` client all read it from the environment.
+RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
 
 @contextlib.contextmanager
@@ -89,8 +92,7 @@ def ray_head(log: Path):
     """`ray start --head --block` on 127.0.0.1 in its own process group, stopped on exit (so that later
     `ray.init()` calls start their own local Ray). The job's driver finds `python` (for the job file's
     shebang) in this interpreter's folder. Ray's socket paths must stay under 107 bytes, so its temporary
-    folder is a short one. Token authentication (Ray's default once a token exists) is asked for
-    explicitly, so the head and the `ray job` client agree on it."""
+    folder is a short one."""
     temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
     dashboard_port = free_port()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **RAY_AUTH}

@@ -83,7 +83,7 @@ def encode_sample(
 class DecodedSample:
     key: str
     image_id: str
-    image: np.ndarray  # uint8 [H, W, 3] RGB
+    image: np.ndarray | Image.Image  # uint8 [H, W, 3] RGB (a PIL image with decode_sample(keep_pil_image=True))
     index_map: np.ndarray  # uint8/uint16 [H, W]
     table: SegmentTable
 
@@ -94,18 +94,22 @@ def decode_meta(raw: dict) -> dict:
     return meta
 
 
-def decode_sample(raw: dict) -> DecodedSample:
-    """A WebDataset raw sample (key -> bytes) -> arrays; raises on a corrupt member or size mismatch."""
+def decode_sample(raw: dict, keep_pil_image: bool = False) -> DecodedSample:
+    """A WebDataset raw sample (key -> bytes) -> arrays; raises on a corrupt member or size mismatch. With
+    keep_pil_image, DecodedSample.image is the decoded PIL RGB image instead: training augmentation resizes it
+    as one, so an array would only be converted straight back (a full-image copy each way)."""
     meta = decode_meta(raw)
     image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
     if image_key is None or "seg.png" not in raw:
         raise ValueError(f"sample {raw.get('__key__')!r} lacks an image or seg.png member")
-    with Image.open(io.BytesIO(raw[image_key])) as picture:
-        image = np.asarray(picture.convert("RGB"))
+    picture = Image.open(io.BytesIO(raw[image_key]))
+    picture.load()
+    if picture.mode != "RGB":
+        picture = picture.convert("RGB")
     index_map = decode_index_map(raw["seg.png"])
-    if image.shape[:2] != index_map.shape or image.shape[:2] != (meta["height"], meta["width"]):
+    if picture.size[::-1] != index_map.shape or index_map.shape != (meta["height"], meta["width"]):
         raise ValueError(
-            f"sample {raw.get('__key__')!r}: image {image.shape[:2]}, seg {index_map.shape} and meta "
+            f"sample {raw.get('__key__')!r}: image {picture.size[::-1]}, seg {index_map.shape} and meta "
             f"({meta['height']}, {meta['width']}) sizes differ"
         )
     table = SegmentTable(
@@ -114,6 +118,7 @@ def decode_sample(raw: dict) -> DecodedSample:
         isthing=np.asarray(meta["isthing"], bool),
         iscrowd=np.asarray(meta["iscrowd"], bool),
     )
+    image = picture if keep_pil_image else np.asarray(picture)
     return DecodedSample(raw["__key__"], str(meta["image_id"]), image, index_map, table)
 
 

@@ -15,7 +15,6 @@ so no sample is repeated or skipped.
 
 from __future__ import annotations
 
-import io
 import logging
 import zlib
 from collections.abc import Iterator
@@ -25,21 +24,17 @@ import fsspec
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from pipeline.data.augment import PIXEL_MEAN, AugmentParams, augment
 from pipeline.data.settings import StreamSettings
 from pipeline.data.shards import (
-    IMAGE_EXTENSIONS,
     DecodedSample,
     SchemaVersionError,
-    decode_index_map,
-    decode_meta,
     decode_sample,
     manifest_classes,
     read_manifest,
 )
-from pipeline.data.targets import TASKS, SegmentTable, TextTokenTable, plan_targets, render_masks
+from pipeline.data.targets import TASKS, TextTokenTable, plan_targets, render_masks
 
 log = logging.getLogger(__name__)
 
@@ -123,33 +118,6 @@ def pad_images(images: list[torch.Tensor], pad_value: tuple[float, float, float]
         batch[index, :, rows:, :] = fill  # only the padding is filled
         batch[index, :, :rows, cols:] = fill
     return batch
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-def decode_training_sample(raw: dict) -> DecodedSample:
-    """decode_sample's checks, but DecodedSample.image is the decoded PIL RGB image: augmentation resizes it
-    as one, so an array would only be converted straight back (a full-image copy each way)."""
-    meta = decode_meta(raw)
-    image_key = next((ext for ext in IMAGE_EXTENSIONS if ext in raw), None)
-    if image_key is None or "seg.png" not in raw:
-        raise ValueError(f"sample {raw.get('__key__')!r} lacks an image or seg.png member")
-    picture = Image.open(io.BytesIO(raw[image_key]))
-    picture.load()
-    if picture.mode != "RGB":
-        picture = picture.convert("RGB")
-    index_map = decode_index_map(raw["seg.png"])
-    if picture.size[::-1] != index_map.shape or index_map.shape != (meta["height"], meta["width"]):
-        raise ValueError(
-            f"sample {raw.get('__key__')!r}: image {picture.size[::-1]}, seg {index_map.shape} and meta "
-            f"({meta['height']}, {meta['width']}) sizes differ"
-        )
-    table = SegmentTable(
-        segment_ids=np.asarray(meta["segment_ids"], np.int64),
-        classes=np.asarray(meta["classes"], np.int64),
-        isthing=np.asarray(meta["isthing"], bool),
-        iscrowd=np.asarray(meta["iscrowd"], bool),
-    )
-    return DecodedSample(raw["__key__"], str(meta["image_id"]), picture, index_map, table)
 
 
 @dataclass
@@ -297,8 +265,7 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
 
     def _decode_or_skip(self, raw: dict, cursor: _WorkerCursor) -> dict | None:
         try:
-            decode = decode_training_sample if self.training else decode_sample
-            return self._prepare(decode(raw), cursor.epoch)
+            return self._prepare(decode_sample(raw, keep_pil_image=self.training), cursor.epoch)
         except SchemaVersionError:
             raise
         except Exception as error:  # a corrupt member raises from PIL, zlib or json; count it and go on
