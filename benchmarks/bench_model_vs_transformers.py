@@ -16,8 +16,16 @@ Configurations:
   128 x 128 images.
 - small: the full-width heads (256, 6 pixel-decoder layers, 9 decoder layers, 150 queries, 133 classes as
   COCO) on Swin-T (96..768, depths 2,2,6,2, window 7), 256 x 256 images.
+- swin_l_640 (for a GPU: `--device cuda`): the ADE20K 640 recipe's model, Swin-L (192..1536, depths 2,2,18,2,
+  window 12), full-width heads, 250 queries, 150 classes, 640 x 640 images, fp32 as the official configs.
+  This is the GPU comparison because transformers' DiNAT needs NATTEN's natten2dqkrpb, which NATTEN removed
+  in 0.20 (no relative positional bias since), so its OneFormer cannot run DiNAT-L with a current NATTEN.
+
+On a GPU, times are taken after torch.cuda.synchronize() and memory is the peak of torch's allocator during
+one step minus what was allocated before it.
 
     .venv/bin/python benchmarks/bench_model_vs_transformers.py [--configs tiny small] [--steps 3] [--batch 2] [--threads 1]
+    .venv/bin/python benchmarks/bench_model_vs_transformers.py --device cuda --configs swin_l_640 --steps 10
 """
 
 from __future__ import annotations
@@ -57,6 +65,15 @@ CONFIGS = {
             num_queries=150, hidden_dim=256, conv_dim=256, mask_dim=256, encoder_layers=6,
             encoder_feedforward_dim=1024, num_attention_heads=8, dim_feedforward=2048, decoder_layers=10,
             query_dec_layers=2, text_encoder_width=256, text_encoder_num_layers=6, num_labels=133,
+        ),
+    },
+    "swin_l_640": {
+        "image_size": 640,
+        "backbone": dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12, mlp_ratio=4.0),
+        "heads": dict(
+            num_queries=250, hidden_dim=256, conv_dim=256, mask_dim=256, encoder_layers=6,
+            encoder_feedforward_dim=1024, num_attention_heads=8, dim_feedforward=2048, decoder_layers=10,
+            query_dec_layers=2, text_encoder_width=256, text_encoder_num_layers=6, num_labels=150,
         ),
     },
 }  # fmt: skip
@@ -134,7 +151,7 @@ def ours_steps(hf_config: dict, data: dict, training: bool):
     from model.matcher import HungarianMatcher
 
     config = config_from_transformers(hf_config, dataset="coco", training=training)
-    model = build_from_config(config)
+    model = build_from_config(config).to(data["images"].device)
     criterion = OneFormerCriterion(config.num_classes, HungarianMatcher())
 
     def train_step():
@@ -153,8 +170,9 @@ def ours_steps(hf_config: dict, data: dict, training: bool):
 def hf_steps(hf_config: dict, data: dict, training: bool):
     from transformers import OneFormerConfig, OneFormerForUniversalSegmentation
 
-    model = OneFormerForUniversalSegmentation(OneFormerConfig.from_dict(hf_config))
-    pixel_values = (data["images"] - PIXEL_MEAN) / PIXEL_STD
+    device = data["images"].device
+    model = OneFormerForUniversalSegmentation(OneFormerConfig.from_dict(hf_config)).to(device)
+    pixel_values = (data["images"] - PIXEL_MEAN.to(device)) / PIXEL_STD.to(device)
     mask_labels = [target["masks"].float() for target in data["targets"]]
     class_labels = [target["labels"] for target in data["targets"]]
 
@@ -181,10 +199,33 @@ def _build_step(impl: str, spec: dict, data: dict):
 
 def _spec_data(spec: dict) -> dict:
     hf_config = spec["hf_config"]
-    return synthetic_batch(
+    data = synthetic_batch(
         spec["batch"], spec["image_size"], hf_config["num_queries"], len(hf_config["id2label"]),
         hf_config["text_encoder_n_ctx"],
     )  # fmt: skip
+    device = torch.device(spec["device"])
+    moved = {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
+    moved["targets"] = [{key: value.to(device) for key, value in target.items()} for target in data["targets"]]
+    return moved
+
+
+class PeakCudaMemory:
+    """Peak of torch's CUDA allocator while the context is open, above what was allocated when it opened."""
+
+    def __enter__(self):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.baseline = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.synchronize()
+        self.peak = torch.cuda.max_memory_allocated()
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_child(spec: dict) -> dict:
@@ -192,15 +233,17 @@ def run_child(spec: dict) -> dict:
     data = _spec_data(spec)
     if spec["measure"] == "memory":
         step = _build_step(spec["impl"], spec, data)
-        with PeakRss() as memory:
+        with PeakCudaMemory() if spec["device"].startswith("cuda") else PeakRss() as memory:
             step()
         return {"peak_mib": (memory.peak - memory.baseline) / 2**20}
     steps = {impl: _build_step(impl, spec, data) for impl in ("ours", "hf")}
     times: dict[str, list[float]] = {impl: [] for impl in steps}
     for repeat in range(spec["steps"] + 1):  # the first round is warm-up
         for impl, step in steps.items():
+            _synchronize(spec["device"])
             started = time.perf_counter()
             step()
+            _synchronize(spec["device"])
             if repeat:
                 times[impl].append(time.perf_counter() - started)
     return {impl: statistics.median(values) for impl, values in times.items()}
@@ -223,6 +266,7 @@ def run_in_child(spec: dict, threads: int) -> dict:
 def measure(name: str, mode: str, args) -> dict:
     base = {
         "mode": mode, "steps": args.steps, "batch": args.batch, "image_size": CONFIGS[name]["image_size"],
+        "device": args.device,
         "hf_config": hf_config_dict(name, training=mode == "train"),
     }  # fmt: skip
     seconds = run_in_child({**base, "measure": "time"}, args.threads)
@@ -239,6 +283,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process; more than the free cores makes OpenMP spin and the "
                              "timings swing by 10x or more on a shared machine")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -246,7 +291,8 @@ def main() -> None:
         print(json.dumps(run_child(json.loads(args.child))))
         return
 
-    print(f"torch {torch.__version__}, CPU, {args.threads} threads, batch {args.batch}, median of {args.steps} alternating steps")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"torch {torch.__version__}, {where}, batch {args.batch}, median of {args.steps} alternating steps")
     header = f"{'config':<7}{'mode':<7}{'ours s':>9}{'HF s':>9}{'HF/ours':>9}{'ours MiB':>10}{'HF MiB':>9}{'HF/ours':>9}"
     print(header)
     for name in args.configs:

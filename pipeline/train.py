@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -144,7 +145,8 @@ class Trainer:
             elif self.step % self.job.training.checkpoint_every == 0 and self.step < self.job.training.max_steps:
                 self._checkpoint({"step": self.step, **metrics})
         validation = self._validate(final=True)
-        self._checkpoint({"step": self.step, **metrics, **validation})
+        run_id = {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None else {}
+        self._checkpoint({"step": self.step, **metrics, **validation, **run_id})
         if self.tracker is not None:
             self.tracker.log_metrics(validation, self.step)
             self.tracker.finish()
@@ -231,7 +233,7 @@ class Trainer:
         pq = summary.get("val/PQ")
         if pq is not None and (self.best is None or pq > self.best["val/PQ"]):
             self.best = {"step": self.step, **summary}
-            self._write_model_files(state, "best", self.best)
+            shutil.rmtree(self._write_model_files(state, "best", self.best))
         if self.tracker is not None:
             pictures = Path(tempfile.mkdtemp(prefix="pictures_"))
             for picture in validator.save_pictures(pictures, details):
@@ -377,5 +379,19 @@ def _print_results(job: JobConfig, result) -> None:
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.4g}")
     Console().print(table)
+    exported = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
     print(f"checkpoints: {result.path}")
+    print(f"model: {exported}/model/model.pt (best by val PQ: {exported}/best/model.pt)")
     print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")
+    run_id = (result.metrics or {}).get("mlflow_run_id")
+    if run_id:
+        print(f"pictures: {_artifact_uri(job, run_id)}/pictures/ (run {run_id})")
+
+
+def _artifact_uri(job: JobConfig, run_id: str) -> str:
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient(resolve_tracking_uri(job)).get_run(run_id).info.artifact_uri
+    except Exception as error:  # noqa: BLE001 - the run is done; a tracking server gone by now costs only this line
+        return f"<MLflow unreachable: {error}>"
