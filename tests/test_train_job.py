@@ -2,7 +2,10 @@
 DeepSpeed ZeRO-2 on gloo, checkpoints holding every rank's state, MLflow metrics, and an exported model file
 that model/ loads without DeepSpeed."""
 
+import contextlib
+import io
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -27,7 +30,10 @@ def finished_job(tmp_path_factory):
     job_file = workdir / "job.yaml"
     job_file.write_text(yaml.safe_dump(document))
     pytest.MonkeyPatch().setenv("ONEFORMER_WORKDIR", str(workdir))
-    assert main([str(job_file)]) == 0
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([str(job_file)]) == 0
+    (workdir / "driver_stdout.txt").write_text(printed.getvalue())
     return workdir
 
 
@@ -78,3 +84,12 @@ def test_best_model_by_validation_pq_is_kept(finished_job):
     load_checkpoint(finished_job / "runs" / "demo_cpu" / "best" / "model.pt")
     final = json.loads((finished_job / "runs" / "demo_cpu" / "model" / "metrics.json").read_text())
     assert final["step"] == 4 and final["val/PQ"] == pytest.approx(history[4])
+
+
+def test_driver_prints_the_results_the_model_and_where_the_pictures_are(finished_job):
+    printed = (finished_job / "driver_stdout.txt").read_text()
+    assert re.search(r"val/PQ\s.*\d", printed), printed[-2000:]
+    model = re.search(r"^model: (\S+) \(best by val PQ: (\S+)\)$", printed, re.M)
+    assert Path(model.group(1)).is_file() and Path(model.group(2)).is_file()
+    pictures = Path(re.search(r"^pictures: file://(\S+) \(run \w+\)$", printed, re.M).group(1))
+    assert sorted(folder.name for folder in pictures.iterdir()) == ["step_0000002", "step_0000004"]
