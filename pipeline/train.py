@@ -381,7 +381,8 @@ def _print_results(job: JobConfig, result) -> None:
     Console().print(table)
     exported = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
     print(f"checkpoints: {result.path}")
-    print(f"model: {exported}/model/model.pt (best by val PQ: {exported}/best/model.pt)")
+    best = f" (best by val PQ: {exported}/best/model.pt)" if "val/PQ" in (result.metrics or {}) else ""
+    print(f"model: {exported}/model/model.pt{best}")
     print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")
     run_id = (result.metrics or {}).get("mlflow_run_id")
     if run_id:
