@@ -60,7 +60,6 @@ class RunTracker:
         self._retry_interval_s = retry_interval_s
         self._unreachable_since: float | None = None
         mlflow.set_tracking_uri(tracking_uri)
-        create_local_store(tracking_uri)
         _ensure_experiment(mlflow, tracking_uri, job.tracking.experiment)
         self.run = mlflow.start_run(run_id=run_id, run_name=job.tracking.run_name or job.name)
         if run_id is None:
@@ -138,6 +137,7 @@ def _ensure_experiment(mlflow, tracking_uri: str, name: str) -> None:
         artifact_location = None
         if tracking_uri.startswith("sqlite:///"):
             database = Path(tracking_uri.removeprefix("sqlite:///"))
+            database.parent.mkdir(parents=True, exist_ok=True)
             artifact_location = (database.parent / "artifacts").resolve().as_uri()
         try:
             mlflow.create_experiment(name, artifact_location=artifact_location)

@@ -375,16 +375,17 @@ def _print_results(job: JobConfig, result) -> None:
     table = Table(title=f"{job.name}: final metrics")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in sorted((result.metrics or {}).items()):
+    metrics = result.metrics or {}
+    for key, value in sorted(metrics.items()):
         if isinstance(value, int | float):
             table.add_row(key, f"{value:.4g}")
     Console().print(table)
     exported = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
     print(f"checkpoints: {result.path}")
-    best = f" (best by val PQ: {exported}/best/model.pt)" if "val/PQ" in (result.metrics or {}) else ""
+    best = f" (best by val PQ: {exported}/best/model.pt)" if "val/PQ" in metrics else ""
     print(f"model: {exported}/model/model.pt{best}")
     print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")
-    run_id = (result.metrics or {}).get("mlflow_run_id")
+    run_id = metrics.get("mlflow_run_id")
     if run_id:
         print(f"pictures: {_artifact_uri(job, run_id)}/pictures/ (run {run_id})")
 
