@@ -1,4 +1,5 @@
-"""Small blocks shared by the OneFormer heads: the MLP, the sine position encoding, QuickGELU."""
+"""Small blocks shared by the OneFormer heads: the MLP, a Linear for exact inputs, the sine position encoding,
+QuickGELU."""
 
 from __future__ import annotations
 
@@ -14,13 +15,23 @@ class MLP(nn.Module):
 
     The layers live in `self.layers` (a ModuleList), the layout of the official checkpoints."""
 
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+    def __init__(
+        self,
+        input_dim: int,
+        hidden_dim: int,
+        output_dim: int,
+        num_layers: int,
+        first_layer: type[nn.Linear] = nn.Linear,
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MLP: num_layers must be >= 1, got {num_layers}")
         in_dims = [input_dim] + [hidden_dim] * (num_layers - 1)
         out_dims = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(in_dims, out_dims))
+        layer_types = [first_layer] + [nn.Linear] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            layer_type(i, o) for layer_type, i, o in zip(layer_types, in_dims, out_dims)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
@@ -29,6 +40,18 @@ class MLP(nn.Module):
             if index < last:
                 x = F.relu(x)
         return x
+
+
+class ExactInputLinear(nn.Linear):
+    """A Linear whose inputs are numbers that half precision would round, such as raw token ids up to 49,407
+    (bf16 keeps 8 significant bits: 29119 -> 29056). It computes in fp32 (or a wider input or weight dtype)
+    with its weights upcast, then returns the weights' dtype; parameters, init and state-dict keys are
+    nn.Linear's, so module casts and optimizers treat it like any other layer."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(torch.promote_types(x.dtype, self.weight.dtype), torch.float32)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias).to(self.weight.dtype)
 
 
 class QuickGELU(nn.Module):

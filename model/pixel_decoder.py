@@ -6,8 +6,16 @@ makes the stride-4 mask features. Returns the mask features and the three encode
 1/8 for the transformer decoder.
 
 Where the public implementations differ (and what we follow):
-- The official code runs this block in fp32 (its CUDA op has no half precision); we run in the caller's
-  dtype, the kernels handle it.
+- The official code runs this whole block in fp32 under autocast (its CUDA op has no half precision). We run
+  the learned layers in the weights' dtype (bf16 when DeepSpeed casts the model) but keep the geometry in
+  fp32 (fp64 for a fp64 model): valid ratios and reference points are computed from the map shapes at
+  forward time, never stored, so a module cast cannot round them; the sampling offsets come out of their
+  Linear in the layer's dtype, but the division by the level size and the addition to the reference points
+  happen in fp32, and the kernel receives fp32 locations beside bf16 values and weights (the Triton kernel
+  interpolates and accumulates in fp32; the plain-PyTorch reference computes in the values' dtype). In bf16
+  a coordinate near 1 has a resolution of 2**-8: up to 0.3 px on a 160-wide level; in fp32 below 1e-4 px.
+  The sine position encoding is computed in fp32 and then cast: it is a feature added to the tokens, not a
+  coordinate.
 - Hugging Face applies dropout whenever its config says `is_training`, even in eval mode, and clamps
   non-finite activations in training; we follow the official code: dropout follows `module.training`, no clamp.
 - Hugging Face keeps `level_embed` on the pixel decoder, the official code on its encoder wrapper; we keep it
@@ -28,6 +36,26 @@ from kernels.ms_deform_attn import ms_deform_attn
 from model.layers import sine_position_encoding
 
 NUM_ENCODER_LEVELS = 3
+
+
+def geometry_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype coordinates are computed in for layers of `dtype`: fp32, or fp64 for a fp64 model. Half
+    precision would put a point near 1 on a grid of 2**-8 (bf16), a third of a pixel on a 160-wide map."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def sampling_locations(
+    reference_points: torch.Tensor, offsets: torch.Tensor, spatial_shapes: torch.Tensor
+) -> torch.Tensor:
+    """reference_points [B, Lq, L, 2] in [0, 1], offsets [B, Lq, H, L, P, 2] in pixels of each level (any
+    dtype), spatial_shapes [L, 2] (h, w) -> [B, Lq, H, L, P, 2] in [0, 1], in the reference points' dtype
+    (at least fp32): only the offsets carry the layers' precision, the geometry is never rounded."""
+    dtype = geometry_dtype(reference_points.dtype)
+    normaliser = spatial_shapes.flip(-1).to(dtype)  # (w, h) per level
+    return (
+        reference_points.to(dtype)[:, :, None, :, None, :]
+        + offsets.to(dtype) / normaliser[None, None, None, :, None, :]
+    )
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -80,7 +108,7 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
     ) -> torch.Tensor:
-        """query [B, Lq, C] (with position), reference_points [B, Lq, L, 2] in [0, 1] (x, y),
+        """query [B, Lq, C] (with position), reference_points [B, Lq, L, 2] in [0, 1] (x, y), at least fp32,
         value_input [B, Lv, C], spatial_shapes [L, 2] (h, w) -> [B, Lq, C]."""
         batch, num_queries, _ = query.shape
         num_values = value_input.shape[1]
@@ -89,11 +117,7 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
-        # Offsets are in pixels of each level; normalise by (w, h) to the [0, 1] frame of the reference points.
-        normaliser = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1).to(offsets.dtype)
-        locations = (
-            reference_points[:, :, None, :, None, :] + offsets / normaliser[None, None, None, :, None, :]
-        )
+        locations = sampling_locations(reference_points, offsets, spatial_shapes)
         sampled = ms_deform_attn(
             value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
         )
@@ -235,7 +259,10 @@ class PixelDecoder(nn.Module):
         pos = torch.cat(positions, 1)
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
-        valid_ratios = torch.ones(src.shape[0], NUM_ENCODER_LEVELS, 2, dtype=src.dtype, device=src.device)
+        # fp32 even when the layers run in bf16: see the module docstring.
+        valid_ratios = torch.ones(
+            src.shape[0], NUM_ENCODER_LEVELS, 2, dtype=geometry_dtype(src.dtype), device=src.device
+        )
         reference_points = encoder_reference_points(shapes, valid_ratios)
         for layer in self.layers:
             src = layer(src, pos, reference_points, spatial_shapes, level_start_index)

@@ -2,7 +2,10 @@
 
 `TaskEncoder` tokenizes "the task is {task}" with CLIP's BPE (77 ids) and maps the raw ids, cast to float,
 through a 2-layer MLP. There is no embedding table: that is what the released checkpoints were trained
-with, so we keep it for parity.
+with, so we keep it for parity. The ids stay exact whatever the model's dtype: they enter the MLP as fp32
+(exact below 2**24) and its first layer computes in fp32 with its weights upcast (`ExactInputLinear`); in
+bf16 the ids would be rounded to 8 significant bits (29119 -> 29056), and neighbouring words would share
+one input. The official code casts the ids to the autocast dtype instead (a deviation kept on purpose).
 
 `QueryInitializer` is the official `class_transformer` (a 2-layer DETR decoder with no encoder layers): it
 starts N-1 queries from copies of the task token and refines them against the stride-4 mask features. Quirk
@@ -22,7 +25,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from model.layers import MLP, sine_position_encoding
+from model.layers import MLP, ExactInputLinear, sine_position_encoding
 from model.tokenizer import CONTEXT_LENGTH, tokenize
 
 TASKS = ("semantic", "instance", "panoptic")
@@ -47,7 +50,9 @@ class TaskEncoder(nn.Module):
     def __init__(self, hidden_dim: int, context_length: int = CONTEXT_LENGTH):
         super().__init__()
         self.context_length = context_length
-        self.task_mlp = MLP(context_length, hidden_dim, hidden_dim, num_layers=2)
+        self.task_mlp = MLP(
+            context_length, hidden_dim, hidden_dim, num_layers=2, first_layer=ExactInputLinear
+        )
 
     def forward(self, tasks: list[str]) -> torch.Tensor:
         ids = task_token_ids(tasks)
@@ -56,7 +61,8 @@ class TaskEncoder(nn.Module):
                 f"task ids have length {ids.shape[1]}, the task MLP expects {self.context_length}"
             )
         weight = self.task_mlp.layers[0].weight
-        return self.task_mlp(ids.to(device=weight.device, dtype=weight.dtype))
+        exact_dtype = torch.promote_types(weight.dtype, torch.float32)
+        return self.task_mlp(ids.to(device=weight.device, dtype=exact_dtype))
 
 
 class QueryTransformerLayer(nn.Module):
