@@ -7,8 +7,9 @@ each after its own LayerNorm.
     build_backbone("swin", embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], window_size=7)
     build_backbone("convnext_l", weights="convnext_large_22k_224.pth")
 
-`weights=PATH` loads a local .pth/.pt/.pkl/.safetensors file (official, timm, Hugging Face or full OneFormer
-checkpoint layouts) through `load_backbone_weights`.
+`weights=` loads a local .pth/.pt/.pkl/.safetensors file (official, timm, Hugging Face or full OneFormer
+checkpoint layouts) or a remote reference (https://, s3://, timm:<model>.<tag>; see weights_source) through
+`load_backbone_weights`, strictly; the returned backbone carries the `WeightsReport` as `weights_report`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from model.backbones.convnext import ConvNeXtBackbone, convnext_large, convnext_xlarge
 from model.backbones.dinat import DINAT_L_SETTINGS, DiNAT, dinat_large, dinat_mini, dinat_tiny_test
 from model.backbones.swin import SwinTransformer, swin_large
-from model.backbones.weights import load_backbone_weights
+from model.backbones.weights import WeightsReport, load_backbone_weights
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "swin_l": swin_large,
@@ -40,12 +41,13 @@ DINAT_SETTINGS = DINAT_L_SETTINGS
 
 
 def build_backbone(name: str, weights: str | None = None, **kwargs) -> nn.Module:
-    """Build backbone `name` (see BACKBONES) with builder keyword arguments; optionally load `weights`."""
+    """Build backbone `name` (see BACKBONES) with builder keyword arguments; optionally load `weights` (a path
+    or remote reference, cached in the default weights cache), reported in `backbone.weights_report`."""
     if name not in BACKBONES:
         raise ValueError(f"backbone name must be one of {sorted(BACKBONES)}, got {name!r}")
     backbone = BACKBONES[name](**kwargs)
     if weights is not None:
-        load_backbone_weights(backbone, weights)
+        backbone.weights_report = load_backbone_weights(backbone, weights)
     return backbone
 
 
@@ -55,6 +57,7 @@ __all__ = [
     "ConvNeXtBackbone",
     "DiNAT",
     "SwinTransformer",
+    "WeightsReport",
     "build_backbone",
     "load_backbone_weights",
 ]

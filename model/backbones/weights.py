@@ -1,9 +1,15 @@
-"""Loading a local weights file into one of our backbones, whatever layout it was saved in.
+"""Loading backbone weights into one of our backbones, whatever layout they were saved in, strictly.
 
-Accepted: .pth/.pt (a state dict, or one under "model"/"state_dict"), .pkl (detectron2 pickles of numpy
-arrays, as the official OneFormer/DiNAT releases ship), .safetensors. Keys may sit under a prefix
+    report = load_backbone_weights(backbone, "timm:convnext_large.fb_in22k")   # or a path, https://, s3://
+    report.loaded, report.backbone_tensors, report.path                         # see WeightsReport
+
+Where the file comes from (local, URL, object store, timm hub; cache, lock, checksum): weights_source.
+Accepted files: .pth/.pt/.bin (a state dict, or one under "model"/"state_dict"), .pkl (detectron2 pickles of
+numpy arrays, as the official OneFormer/DiNAT releases ship), .safetensors. Keys may sit under a prefix
 ("backbone.", "module.", Hugging Face OneFormer's "model.pixel_level_module.encoder."); layouts other than
-ours (timm Swin, official ConvNeXt, Hugging Face Swin/DiNAT) are converted first.
+ours (timm Swin, official ConvNeXt, Hugging Face Swin/DiNAT) are converted first. Then every backbone tensor
+must come from the file with its shape, and every file tensor must have a place, except the one allowed set
+below (IGNORED_KEY_PATTERNS, OPTIONAL_MISSING_PATTERN); a partial load is not possible through this module.
 """
 
 from __future__ import annotations
@@ -11,19 +17,32 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from model.backbones.weights_source import resolve_weights
+
 log = logging.getLogger(__name__)
 
 KNOWN_PREFIXES = ("model.pixel_level_module.encoder.", "backbone.", "module.", "model.")
-# Buffers recomputed from the config, and ImageNet classifier parts a dense backbone does not have.
-IGNORED_KEY_PATTERNS = (r"relative_position_index$", r"attn_mask$", r"^head\.", r"^norm\.", r"^head_norm\.",
-                        r"^layernorm\.", r"^pooler\.", r"^classifier\.")
-# The per-output LayerNorms are new in a dense backbone: ImageNet checkpoints do not have them.
+
+# The one allowed set of differences between a weights file and a backbone; anything else fails the load.
+# Keys of the file dropped unread: buffers our backbones recompute from their config, and the ImageNet
+# classifier parts (final norm, pooler, head) that a dense backbone does not have.
+IGNORED_KEY_PATTERNS = (
+    r"relative_position_index$",  # Swin: a pure function of the window size
+    r"attn_mask$",  # Swin: the shifted-window mask, a function of the feature-map size
+    r"^head\.", r"^classifier\.", r"^pooler\.",  # classifier heads (official/timm, Hugging Face)
+    r"^norm\.", r"^head_norm\.", r"^layernorm\.",  # the norm before the classifier (official/timm, HF)
+)
+# Backbone tensors a file may lack: the per-output LayerNorms are new in a dense backbone, so ImageNet
+# checkpoints do not have them; they keep their fresh initialisation and the report lists them.
 OPTIONAL_MISSING_PATTERN = r"^norm[0-3]\."
+# How many keys an error message names before it only counts.
+_NAMED_KEYS = 8
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -76,24 +95,60 @@ def to_our_layout(backbone: nn.Module, state_dict: dict[str, torch.Tensor]) -> d
     return state_dict
 
 
-def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
-    """Load `path` into `backbone`; raise ValueError listing every missing or unexpected key.
+@dataclass(frozen=True)
+class WeightsReport:
+    """What `load_backbone_weights` did. `source`: the reference as given; `path`: the local file read;
+    `loaded` of `backbone_tensors` state-dict entries came from the file; `skipped`: file keys dropped as
+    derived buffers or classifier parts (IGNORED_KEY_PATTERNS); `kept_initialisation`: backbone tensors the
+    file lacks that may be absent (OPTIONAL_MISSING_PATTERN: the output norms)."""
 
-    Only the output norms (norm0..norm3) may be missing: they do not exist in classification checkpoints
-    and keep their fresh initialisation (logged)."""
+    source: str
+    path: Path
+    loaded: int
+    backbone_tensors: int
+    skipped: tuple[str, ...]
+    kept_initialisation: tuple[str, ...]
+
+    def summary(self) -> str:
+        text = f"{self.loaded}/{self.backbone_tensors} backbone tensors from {self.source}"
+        if self.kept_initialisation:
+            text += f" ({len(self.kept_initialisation)} output-norm tensors keep their initialisation)"
+        return text
+
+
+def load_backbone_weights(backbone: nn.Module, reference: str | Path,
+                          cache_dir: str | Path | None = None) -> WeightsReport:
+    """Load the weights `reference` names (a local file or a remote reference, see weights_source) into
+    `backbone`, strictly: raise ValueError naming the file and the first keys if any backbone tensor is
+    missing (other than the output norms) or mis-shaped, or if the file has tensors the backbone lacks
+    (other than IGNORED_KEY_PATTERNS)."""
+    path = resolve_weights(reference, cache_dir)
     state_dict = to_our_layout(backbone, strip_known_prefix(read_state_dict(path)))
-    state_dict = {k: v for k, v in state_dict.items() if not any(re.search(p, k) for p in IGNORED_KEY_PATTERNS)}
-    result = backbone.load_state_dict(state_dict, strict=False)
-    missing = [k for k in result.missing_keys if not re.match(OPTIONAL_MISSING_PATTERN, k)]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"weights file {path} does not fit {type(backbone).__name__}: "
-            f"{len(missing)} missing keys {missing[:20]}{' ...' if len(missing) > 20 else ''}; "
-            f"{len(result.unexpected_keys)} unexpected keys {result.unexpected_keys[:20]}"
-            f"{' ...' if len(result.unexpected_keys) > 20 else ''}"
-        )
-    fresh = sorted(set(result.missing_keys))
-    if fresh:
-        log.info("loaded %s; output norms not in the file keep their initialisation: %s", path, fresh)
-    else:
-        log.info("loaded %s", path)
+    skipped = tuple(sorted(k for k in state_dict if _is_ignored(k)))
+    state_dict = {k: v for k, v in state_dict.items() if not _is_ignored(k)}
+    expected = backbone.state_dict()
+    absent = [k for k in expected if k not in state_dict]
+    kept_initialisation = tuple(k for k in absent if re.match(OPTIONAL_MISSING_PATTERN, k))
+    missing = [k for k in absent if k not in kept_initialisation]
+    unexpected = [k for k in state_dict if k not in expected]
+    mis_shaped = [f"{k} {tuple(v.shape)} (backbone {tuple(expected[k].shape)})" for k, v in state_dict.items()
+                  if k in expected and v.shape != expected[k].shape]
+    if missing or unexpected or mis_shaped:
+        raise ValueError(f"weights file {path} does not fit {type(backbone).__name__}: "
+                         f"{_count_and_name('missing keys', missing)}; "
+                         f"{_count_and_name('unexpected keys', unexpected)}; "
+                         f"{_count_and_name('mis-shaped tensors', mis_shaped)}")
+    # Every difference was checked above; strict=False only lets the allowed output norms stay absent.
+    backbone.load_state_dict(state_dict, strict=False)
+    report = WeightsReport(str(reference), path, len(state_dict), len(expected), skipped, kept_initialisation)
+    log.info("loaded %s (file %s)", report.summary(), path)
+    return report
+
+
+def _is_ignored(key: str) -> bool:
+    return any(re.search(pattern, key) for pattern in IGNORED_KEY_PATTERNS)
+
+
+def _count_and_name(what: str, keys: list[str]) -> str:
+    more = f" and {len(keys) - _NAMED_KEYS} more" if len(keys) > _NAMED_KEYS else ""
+    return f"{len(keys)} {what} {keys[:_NAMED_KEYS]}{more}"
