@@ -20,16 +20,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.data.augment import PIXEL_MEAN, augment
+from model.presets import make_config
+from pipeline.data.augment import augment
 from pipeline.data.preprocess import plan_shards, write_shard
 from pipeline.data.readers import read_split
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 from pipeline.data.shards import decode_sample
 from pipeline.data.stream import (
+    ModelInputs,
     PanopticShardStream,
     augment_params_from_settings,
     pick_task,
     sample_seed,
+    training_canvas,
+    training_pad_value,
 )
 from pipeline.data.targets import plan_targets, rgb_to_ids
 from pipeline.synthetic import GeneratorSettings, generate_dataset
@@ -109,7 +113,8 @@ def main() -> None:
     dataset = DatasetSettings(format="custom_coco_panoptic", root=str(work / "raw"))
     split = read_split(dataset, "train")
     count = len(split.records)
-    stream_settings = StreamSettings(augmentation="ade20k", crop_size=640, num_queries=250, batch_size=1)
+    stream_settings = StreamSettings(augmentation="ade20k", crop_size=640, batch_size=1)
+    inputs = ModelInputs.from_config(make_config("swin_l", dataset="ade20k"))
 
     # (a) preprocessing, one process: raw files -> shards.
     plans = plan_shards(split, PreprocessSettings(output=str(work), target_shard_mb=1e6).target_shard_mb)
@@ -124,13 +129,13 @@ def main() -> None:
     # (b) streaming: decode, ADE20K augmentation, task sampling, targets, text tokens, collation.
     stream = PanopticShardStream(
         str(work / "shards" / "train"), training=True, batch_size=1, repeat=False,
-        augment_params=augment_params_from_settings(stream_settings), num_text_slots=stream_settings.num_text_slots,
-        image_pad_value=PIXEL_MEAN, shuffle_buffer=1,
+        augment_params=augment_params_from_settings(stream_settings), num_text_slots=inputs.num_text_slots,
+        image_pad_value=training_pad_value(stream_settings), canvas=training_canvas(stream_settings), shuffle_buffer=1,
     )
     next(iter(stream))  # tokenizer load outside the timing
 
     # Reference: transformers' processor on the same raw images (shortest edge 640), tasks in rotation.
-    processor = _hf_processor(split.classes, stream_settings.num_text_slots, work)
+    processor = _hf_processor(split.classes, inputs.num_text_slots, work)
     _hf_sample(processor, split.records[0], split.classes, "panoptic")
     tasks = ("semantic", "instance", "panoptic")
     stream_rates, hf_rates = [], []

@@ -146,17 +146,18 @@ def synthetic_batch(batch: int, size: int, num_queries: int, num_classes: int, n
 
 
 def ours_steps(hf_config: dict, data: dict, training: bool):
-    from model.convert import build_from_config, config_from_transformers
-    from model.criterion import LossWeights, OneFormerCriterion, weighted_total
-    from model.matcher import HungarianMatcher
+    from model.checkpoint import build_from_config
+    from model.convert import config_from_transformers
+    from model.criterion import LossConfig, weighted_total
 
     config = config_from_transformers(hf_config, dataset="coco", training=training)
     model = build_from_config(config).to(data["images"].device)
-    criterion = OneFormerCriterion(config.num_classes, HungarianMatcher())
+    losses = LossConfig()
+    criterion = losses.build_criterion(config.num_classes)
 
     def train_step():
         outputs = model(data["images"], data["tasks"], data["text_tokens"])
-        weighted_total(criterion(outputs, data["targets"]), LossWeights()).backward()
+        weighted_total(criterion(outputs, data["targets"]), losses).backward()
         model.zero_grad(set_to_none=True)
 
     def inference_step():

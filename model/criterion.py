@@ -3,7 +3,7 @@ query-text contrastive loss on the final object queries.
 
 `OneFormerCriterion.forward` returns the UNWEIGHTED named terms ("loss_ce", "loss_mask", "loss_dice" for the
 final prediction, "loss_ce_0".."loss_dice_8" for the aux predictions in order, "loss_contrastive"); the
-weights live in `LossWeights` alone and `weighted_total` applies them. All losses run in float32 whatever the
+weights, like every loss and matching setting, live in `LossConfig` alone and `weighted_total` applies them. All losses run in float32 whatever the
 model's dtype. Per step the matcher makes one device -> host transfer and the matched indices one host ->
 device transfer; the number of masks stays a device tensor (averaged over workers, clamped >= 1).
 """
@@ -23,17 +23,34 @@ from model.matcher import Assignment, HungarianMatcher
 
 
 @dataclass(frozen=True)
-class LossWeights:
-    """The one place where OneFormer's loss weights live (SPEC "Losses and matching")."""
+class LossConfig:
+    """The one place where OneFormer's loss and matching settings live; `build_matcher` and `build_criterion`
+    hand them to the modules, which have no defaults of their own."""
 
     ce: float = 2.0
-    """Class cross-entropy (its no-object class is down-weighted inside the loss, see `no_object_weight`)."""
+    """Class cross-entropy weight (in the loss and in the matching cost)."""
     mask: float = 5.0
-    """Point-sampled sigmoid BCE of the matched masks."""
+    """Point-sampled sigmoid BCE weight of the matched masks (loss and matching cost)."""
     dice: float = 5.0
-    """Point-sampled dice (+1 smoothing) of the matched masks."""
+    """Point-sampled dice (+1 smoothing) weight of the matched masks (loss and matching cost)."""
     contrastive: float = 0.5
-    """Query-text contrastive loss (image-to-text plus text-to-image cross-entropy)."""
+    """Query-text contrastive loss weight (image-to-text plus text-to-image cross-entropy)."""
+    no_object_weight: float = 0.1
+    """Weight of the no-object class inside the class cross-entropy."""
+    num_points: int = 112 * 112
+    """Points per mask for the losses and per image for the matching costs."""
+    oversample_ratio: float = 3.0
+    """Candidate points per chosen point for the losses' uncertainty sampling."""
+    importance_sample_ratio: float = 0.75
+    """Share of the loss points taken from the most uncertain candidates (the rest uniform)."""
+
+    def __post_init__(self) -> None:
+        if self.num_points <= 0:
+            raise ValueError(f"num_points must be positive, got {self.num_points}")
+        if self.oversample_ratio < 1.0:
+            raise ValueError(f"oversample_ratio must be >= 1, got {self.oversample_ratio}")
+        if not 0.0 <= self.importance_sample_ratio <= 1.0:
+            raise ValueError(f"importance_sample_ratio must be in [0, 1], got {self.importance_sample_ratio}")
 
     def weight_of(self, term: str) -> float:
         """Weight of a term named like "loss_ce", "loss_dice_3" or "loss_contrastive"."""
@@ -44,12 +61,31 @@ class LossWeights:
             raise ValueError(f"unknown loss term {term!r}")
         return getattr(self, kind)
 
+    def build_matcher(self, backend: str | None = None) -> HungarianMatcher:
+        return HungarianMatcher(self.ce, self.mask, self.dice, self.num_points, backend=backend)
 
-def weighted_total(terms: dict[str, torch.Tensor], weights: LossWeights) -> torch.Tensor:
+    def build_criterion(self, num_classes: int, backend: str | None = None) -> OneFormerCriterion:
+        return OneFormerCriterion(
+            num_classes, self.build_matcher(backend), self.no_object_weight, self.num_points,
+            self.oversample_ratio, self.importance_sample_ratio, backend=backend,
+        )
+
+
+def weighted_total(terms: dict[str, torch.Tensor], weights: LossConfig) -> torch.Tensor:
     """The training objective: sum of weight x term over the criterion's named terms."""
     if not terms:
         raise ValueError("terms is empty: nothing to sum")
     return sum(weights.weight_of(name) * value for name, value in terms.items())
+
+
+def training_loss(
+    model: nn.Module, criterion: OneFormerCriterion, losses: LossConfig, images: torch.Tensor, tasks: Sequence[str],
+    text_tokens: torch.Tensor, targets: Sequence[dict[str, torch.Tensor]], generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training objective of one micro-batch, as the trainer computes it: forward with the task token and
+    the texts, the matched terms, their weighted total. Returns (total, unweighted terms)."""
+    terms = criterion(model(images, tasks, text_tokens), targets, generator=generator)
+    return weighted_total(terms, losses), terms
 
 
 def _distributed_world() -> tuple[int, int]:
@@ -101,10 +137,10 @@ class OneFormerCriterion(nn.Module):
         self,
         num_classes: int,
         matcher: HungarianMatcher,
-        no_object_weight: float = 0.1,
-        num_points: int = 12544,
-        oversample_ratio: float = 3.0,
-        importance_sample_ratio: float = 0.75,
+        no_object_weight: float,
+        num_points: int,
+        oversample_ratio: float,
+        importance_sample_ratio: float,
         backend: str | None = None,
     ) -> None:
         super().__init__()

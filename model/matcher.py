@@ -52,10 +52,10 @@ class HungarianMatcher(nn.Module):
 
     def __init__(
         self,
-        class_weight: float = 2.0,
-        bce_weight: float = 5.0,
-        dice_weight: float = 5.0,
-        num_points: int = 12544,
+        class_weight: float,
+        bce_weight: float,
+        dice_weight: float,
+        num_points: int,
         backend: str | None = None,
     ) -> None:
         super().__init__()

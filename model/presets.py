@@ -205,10 +205,9 @@ def _with_dataset(config: OneFormerConfig, dataset: str) -> OneFormerConfig:
 
 def build_model(preset: str, **overrides) -> OneFormer:
     """Build OneFormer from a preset name plus overrides (see `OneFormerConfig` for the names)."""
-    from model.backbones import build_backbone
+    from model.checkpoint import build_from_config
 
-    config = make_config(preset, **overrides)
-    return build_oneformer(config, build_backbone(config.backbone, **config.backbone_kwargs))
+    return build_from_config(make_config(preset, **overrides))
 
 
 def build_oneformer(config: OneFormerConfig, backbone: nn.Module) -> OneFormer:

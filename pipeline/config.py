@@ -8,15 +8,20 @@ file and the dotted key, before anything starts.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.backbones.weights_source import parse_reference
+from model.presets import OneFormerConfig, make_config
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
+from pipeline.data.shards import MANIFEST_NAME
 
 JobKind = Literal["train", "preprocess", "evaluate"]
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -34,25 +39,76 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    """Which network to build (model.build_model) and what to initialise it from."""
+    """The model's own config: a preset of model.presets plus any `OneFormerConfig` field as an override
+    (`dataset`, `num_queries`, `num_classes`, `ms_deform_attn_backend`, ...), validated by the same code as
+    `build_model` when the job loads, plus what to initialise the model from. Everything the stream needs
+    from the model (text slots, size divisibility, pixel mean) is derived from this config."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     preset: Literal["swin_l", "convnext_l", "convnext_xl", "dinat_l", "tiny"] = Field(
-        description="Architecture preset of model.build_model."
+        description="Architecture preset of model.build_model; the other keys of the section override its fields."
     )
-    dataset: Literal["ade20k", "ade20k_1280", "coco", "cityscapes"] | None = Field(
-        None, description="Dataset settings of the preset (classes, queries, DiNAT dilations, inference thresholds)."
+    weights: str | None = Field(
+        None, description="Model file to initialise the whole model from (ours, or converted from Hugging Face); "
+                          "loaded strictly, except a missing text mapper (logged)."
     )
-    num_classes: int | None = Field(
-        None, ge=1, description="K; default: the number of categories in the dataset's annotation JSON."
-    )
-    num_queries: int | None = Field(None, ge=17, description="N object queries; default: the preset's.")
-    weights: str | None = Field(None, description="Checkpoint to initialise the whole model from (ours or converted).")
     backbone_weights: str | None = Field(
-        None, description="Backbone weights file (timm/official layout) for ImageNet initialisation."
+        None, description="ImageNet backbone weights: a local file (official, timm, Hugging Face or OneFormer layout), "
+                          "an https:// or s3:// URL or a timm hub name; loaded strictly, the count logged to MLflow."
     )
-    deform_attn_backend: Literal["reference", "triton"] | None = Field(
-        None, description="Deformable-attention kernel; default: Triton on GPU, the reference on CPU."
-    )
+
+    @field_validator("backbone_weights")
+    @classmethod
+    def _valid_reference(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_reference(value)
+        return value
+
+    @model_validator(mode="after")
+    def _valid_model_config(self) -> ModelSettings:
+        self.oneformer_config()
+        return self
+
+    def overrides(self) -> dict[str, Any]:
+        """The OneFormerConfig fields this section sets."""
+        return dict(self.model_extra or {})
+
+    def oneformer_config(self, num_classes: int | None = None) -> OneFormerConfig:
+        """The training model's config (with the text mapper); `num_classes` is the data's class count, which
+        a `num_classes` key of the section must equal."""
+        overrides = self.overrides()
+        _check_override_names(overrides)
+        if num_classes is not None:
+            if overrides.get("num_classes", num_classes) != num_classes:
+                raise ValueError(f"num_classes: {overrides['num_classes']} but the data has {num_classes} classes")
+            overrides["num_classes"] = num_classes
+        typed = {name: tuple(value) if name in _TUPLE_FIELDS and isinstance(value, list) else value
+                 for name, value in overrides.items()}
+        try:
+            return make_config(self.preset, training=True, **typed)
+        except (TypeError, ValueError) as error:
+            raise ValueError(_name_the_field(str(error))) from None
+
+
+_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(OneFormerConfig)}
+_TUPLE_FIELDS = {name for name, f in _CONFIG_FIELDS.items() if str(f.type).startswith("tuple")}
+_SET_BY_THE_JOB = {"training": "training jobs always build the text mapper"}
+
+
+def _check_override_names(overrides: dict[str, Any]) -> None:
+    for name in overrides:
+        if name in _SET_BY_THE_JOB:
+            raise ValueError(f"{name}: set by the job, not the file ({_SET_BY_THE_JOB[name]})")
+        if name not in _CONFIG_FIELDS:
+            hint = difflib.get_close_matches(name, list(_CONFIG_FIELDS) + ["weights", "backbone_weights"], n=1)
+            raise ValueError(f"{name}: unknown key" + (f" (did you mean 'model.{hint[0]}'?)" if hint else ""))
+
+
+def _name_the_field(message: str) -> str:
+    """make_config's messages start with the field's name; put it first as 'field: message'."""
+    first = message.split(" ", 1)[0]
+    return f"{first}: {message}" if first in _CONFIG_FIELDS else message
 
 
 class TrainingSettings(_Section):
@@ -62,14 +118,20 @@ class TrainingSettings(_Section):
     global_batch_size: int = Field(16, ge=1, description="Images per optimizer step over all workers.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step per worker.")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW base learning rate.")
-    weight_decay: float = Field(0.05, ge=0, description="None on norms, embeddings and relative position tables.")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay; none on norm layers, nn.Embedding, "
+                                "relative_position_bias_table and absolute_pos_embed (the official rule).")
     backbone_lr_multiplier: float = Field(0.1, gt=0, description="Backbone learning rate = base x this.")
     schedule: Literal["poly", "step"] = Field("poly", description="poly (ADE20K, Cityscapes) or step (COCO).")
     poly_power: float = Field(0.9, gt=0, description="Exponent of the poly schedule.")
     step_milestones: list[int] = Field(default_factory=list, description="Steps where the step schedule multiplies by step_gamma.")
     step_gamma: float = Field(0.1, gt=0, description="Factor of the step schedule at each milestone.")
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps (0 in the paper's configs).")
-    gradient_clip_norm: float = Field(0.01, gt=0, description="Clip the full model's gradient L2 norm at this value.")
+    gradient_clip_norm: float | None = Field(
+        None, gt=0, description="Clip the full model's gradient L2 norm at this value. Default none: the official "
+        "configs say 0.01, but in the official train_net.py that clip never runs (its parameter iterator is used up "
+        "by the NaN/inf pass first), and that is what produced the paper's numbers. NaN/inf gradients are always "
+        "sanitised (NaN -> 0, inf -> +-1e5)."
+    )
     seed: int = Field(0, description="Seeds initialisation and every worker's randomness.")
     log_every: int = Field(20, ge=1, description="Steps between metric logs.")
     eval_every: int | None = Field(None, ge=1, description="Steps between validations; default: only at the end.")
@@ -145,6 +207,17 @@ class EvaluationSettings(_Section):
     output: str | None = Field(
         None, description="kind evaluate: folder for predictions in the standard formats, pictures and metrics.json."
     )
+    test_size: tuple[int, int] | Literal["none"] | None = Field(
+        None, description="[short side, max size] of the ResizeShortestEdge before the model (scores stay at the "
+                          "original size); default: the official test size of the model's dataset (ADE20K 640/2560, "
+                          "ADE20K-1280 1280/5120, COCO 800/1333, Cityscapes 1024/2048); none: each image as it is."
+    )
+
+    @model_validator(mode="after")
+    def _test_size_is_ordered(self) -> EvaluationSettings:
+        if isinstance(self.test_size, tuple) and not 0 < self.test_size[0] <= self.test_size[1]:
+            raise ValueError(f"test_size must be [short side, max size] with 0 < short <= max, got {list(self.test_size)}")
+        return self
 
 
 class JobConfig(_Section):
@@ -183,11 +256,18 @@ class JobConfig(_Section):
             raise ValueError("an evaluate job needs evaluation.shards (or stream.shards, or a preprocess section)")
         return self
 
+    def shards_root(self) -> str | None:
+        """The shard folder of the job (split folders inside): stream.shards, else the preprocess output."""
+        stream_shards = self.stream.shards if self.stream is not None else None
+        return stream_shards or (self.preprocess.output if self.preprocess is not None else None)
+
+    def split_shards(self, split: str) -> str:
+        """The one place a split's shard folder is named."""
+        return f"{self.shards_root().rstrip('/')}/{split}"
+
     def evaluation_shards(self) -> str | None:
         """The shard folder an evaluate job reads (split folders inside)."""
-        stream_shards = self.stream.shards if self.stream is not None else None
-        preprocess_output = self.preprocess.output if self.preprocess is not None else None
-        return self.evaluation.shards or stream_shards or preprocess_output
+        return self.evaluation.shards or self.shards_root()
 
     def _check_training_layout(self) -> None:
         per_step = self.scaling.num_workers * self.stream.batch_size * self.training.gradient_accumulation_steps
@@ -197,11 +277,14 @@ class JobConfig(_Section):
                 f"({self.scaling.num_workers}) x stream.batch_size ({self.stream.batch_size}) x "
                 f"training.gradient_accumulation_steps ({self.training.gradient_accumulation_steps}) = {per_step}"
             )
-        if self.model.num_queries is not None and self.model.num_queries != self.stream.num_queries:
-            raise ValueError(
-                f"model.num_queries ({self.model.num_queries}) and stream.num_queries ({self.stream.num_queries}) "
-                "differ: the text list is built for the model's queries"
-            )
+        config = self.model.oneformer_config()
+        expected_classes = self.data.expected_num_classes
+        if expected_classes is not None and config.num_classes != expected_classes and "num_classes" in self.model.overrides():
+            raise ValueError(f"model.num_classes ({config.num_classes}) and data.expected_num_classes "
+                             f"({expected_classes}) differ")
+        if self.stream.pads_to_crop and any(side % config.size_divisibility for side in self.stream.crop_size):
+            raise ValueError(f"stream.crop_size {self.stream.crop_size} is not a multiple of model.size_divisibility "
+                             f"({config.size_divisibility}): the crop canvas is the model's input")
         if self.deepspeed.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("deepspeed.precision fp16 needs scaling.use_gpu: the CPU accelerator has no fp16 training")
 
@@ -263,6 +346,9 @@ def _describe(error: dict) -> str:
     if error["type"] == "missing":
         return f"{key}: required key is missing"
     message = error["msg"].removeprefix("Value error, ")
+    named = re.match(r"^([A-Za-z_]\w*): (.*)$", message, flags=re.S)
+    if location and named:  # a section validator naming one of its keys
+        return f"{key}.{named.group(1)}: {named.group(2)}"
     if not location:
         return f"contradiction: {message}"
     if error["type"].endswith("_type") or error["type"].endswith("_parsing") or error["type"] == "literal_error":
@@ -291,9 +377,10 @@ def _resolve_paths(job: JobConfig) -> None:
     if job.stream is not None and job.stream.shards is not None:
         job.stream.shards = resolve_path(job.stream.shards)
     if job.model is not None:
-        for name in ("weights", "backbone_weights"):
-            if getattr(job.model, name) is not None:
-                setattr(job.model, name, resolve_path(getattr(job.model, name)))
+        if job.model.weights is not None:
+            job.model.weights = resolve_path(job.model.weights)
+        if job.model.backbone_weights is not None:
+            job.model.backbone_weights = _resolved_weights_reference(job.model.backbone_weights)
     if job.tracking.tracking_uri.startswith("sqlite:///") and not job.tracking.tracking_uri.startswith("sqlite:////"):
         job.tracking.tracking_uri = "sqlite:///" + resolve_path(job.tracking.tracking_uri.removeprefix("sqlite:///"))
     job.scaling.storage_path = resolve_path(job.scaling.storage_path)
@@ -302,11 +389,20 @@ def _resolve_paths(job: JobConfig) -> None:
             setattr(job.evaluation, name, resolve_path(getattr(job.evaluation, name)))
 
 
+def _resolved_weights_reference(reference: str) -> str:
+    """A local weights path made absolute (its #sha256= suffix kept); remote references unchanged."""
+    parsed = parse_reference(reference)
+    if parsed.kind != "local":
+        return reference
+    return resolve_path(parsed.location) + reference[len(parsed.location):]
+
+
 def _check_inputs_exist(job: JobConfig, source: str) -> None:
     """Input files named by the job must exist before any work starts (outputs are created later)."""
+    backbone_weights = job.model and job.model.backbone_weights and parse_reference(job.model.backbone_weights)
     inputs = {
         "model.weights": job.model and job.model.weights,
-        "model.backbone_weights": job.model and job.model.backbone_weights,
+        "model.backbone_weights": backbone_weights and backbone_weights.kind == "local" and backbone_weights.location,
         "evaluation.checkpoint": job.kind == "evaluate" and job.evaluation.checkpoint,
     }
     if job.preprocess is not None and job.synthetic_dataset is None:
@@ -314,10 +410,59 @@ def _check_inputs_exist(job: JobConfig, source: str) -> None:
     for key, path in inputs.items():
         if path and "://" not in path and not os.path.exists(path):
             raise JobConfigError(f"{source}: {key}: file not found: {path}")
+    _check_shards_exist(job, source)
 
 
-def load_job(path: str | os.PathLike) -> JobConfig:
-    """Read, validate and resolve a job file. Raises JobConfigError naming the file and the key."""
+def _check_shards_exist(job: JobConfig, source: str) -> None:
+    """Shards a job only reads (no preprocess section makes them) must be there, one manifest per split."""
+    if job.preprocess is not None or job.kind == "preprocess":
+        return
+    root, key = (job.evaluation_shards(), "evaluation.shards") if job.kind == "evaluate" else (job.shards_root(), "stream.shards")
+    if root is None or "://" in root:
+        return
+    splits = [job.data.val_split] if job.kind == "evaluate" else [job.data.train_split, job.data.val_split]
+    for split in splits:
+        manifest = Path(root) / split / MANIFEST_NAME
+        if not manifest.is_file():
+            raise JobConfigError(f"{source}: {key}: no shards for split {split!r} ({manifest} not found; "
+                                 "run preprocessing first or add a preprocess section)")
+
+
+def apply_overrides(document: Any, overrides: list[str], source: str) -> Any:
+    """`section.key=value` command-line overrides on a parsed job document; each value is read as YAML
+    (`2`, `false`, `null`, `[4, 8]`, `{a: 1}`), so it is validated exactly like the same value in the file."""
+    if not overrides:
+        return document
+    document = dict(document) if isinstance(document, dict) else document
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        parts = key.strip().split(".")
+        if not separator or not all(parts):
+            raise JobConfigError(f"{source}: override {override!r} is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise JobConfigError(f"{source}: override {override!r}: the value is not valid YAML: {err}") from None
+        _set_dotted(document, parts, value, source, override)
+    return document
+
+
+def _set_dotted(document: Any, parts: list[str], value: Any, source: str, override: str) -> None:
+    node = document
+    for depth, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict):
+            raise JobConfigError(f"{source}: override {override!r}: {'.'.join(parts[:depth])} is not a section")
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else ({} if child is None else child)
+        node = node[part]
+    if not isinstance(node, dict):
+        raise JobConfigError(f"{source}: override {override!r}: {'.'.join(parts[:-1])} is not a section")
+    node[parts[-1]] = value
+
+
+def load_job(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """Read a job file, apply `section.key=value` overrides, validate and resolve. Raises JobConfigError naming
+    the file (and the overrides) and the key."""
     source = str(path)
     try:
         text = Path(path).read_text()
@@ -327,7 +472,9 @@ def load_job(path: str | os.PathLike) -> JobConfig:
         document = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise JobConfigError(f"{source}: not valid YAML: {err}") from None
-    job = parse_job(document, source)
+    if overrides:
+        source = f"{source} with overrides {' '.join(overrides)}"
+    job = parse_job(apply_overrides(document, list(overrides), source), source)
     _resolve_paths(job)
     _check_inputs_exist(job, source)
     return job

@@ -1,6 +1,6 @@
 """The one place where the plain OneFormer becomes a DeepSpeed engine: parameter groups (backbone multiplier,
-no weight decay on norms, embeddings and relative position tables), AdamW, the poly/step schedule, ZeRO stage,
-precision, full-model gradient clipping, and the NaN/inf gradient handling of the official recipe."""
+the official no-decay rule), AdamW, the poly/step schedule, ZeRO stage, precision, the NaN/inf gradient
+handling of the official recipe, and the optional full-model clip."""
 
 from __future__ import annotations
 
@@ -11,9 +11,12 @@ from torch import nn
 
 from pipeline.config import PROJECT_ROOT, JobConfig
 
-# Embeddings and position tables of our modules (norms and biases are caught by being 1-D).
-NO_DECAY_KEYWORDS = ("relative_position_bias_table", "rpb", "level_embed", "query_embed", "positional_embedding",
-                     "token_embedding", "prompt_ctx", "logit_scale")
+# The official rule (detectron2-style build_optimizer of the official train_net.py): no weight decay for the
+# parameters of normalisation layers and nn.Embedding, and for parameters named like these; everything else,
+# biases included, is decayed.
+NO_DECAY_MODULES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+                    nn.LayerNorm, nn.LocalResponseNorm, nn.Embedding)
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 def configure_deepspeed_environment(use_gpu: bool) -> None:
@@ -24,17 +27,31 @@ def configure_deepspeed_environment(use_gpu: bool) -> None:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".cache" / "torch_extensions"))
 
 
-def _is_no_decay(name: str, parameter: nn.Parameter) -> bool:
-    # Norm weights and all biases are 1-D; embeddings and position tables are named.
-    return parameter.ndim <= 1 or any(keyword in name for keyword in NO_DECAY_KEYWORDS)
+def _is_no_decay(module: nn.Module, parameter_name: str, norms_decay: bool) -> bool:
+    if isinstance(module, nn.Embedding) or any(name in parameter_name for name in NO_DECAY_NAMES):
+        return True
+    return isinstance(module, NO_DECAY_MODULES) and not norms_decay
+
+
+def _official_norms_decay(model: nn.Module, module_name: str) -> bool:
+    """The official ConvNeXt uses its own LayerNorm class, which the torch-norm rule does not catch, so its
+    norms are decayed there; timm's ConvNeXt (ours) uses torch's LayerNorm, so we say so explicitly."""
+    from model.backbones.convnext import ConvNeXtBackbone
+
+    return module_name.startswith("backbone") and isinstance(getattr(model, "backbone", None), ConvNeXtBackbone)
 
 
 def parameter_groups(model: nn.Module, learning_rate: float, weight_decay: float, backbone_multiplier: float) -> list[dict]:
     """AdamW groups: (backbone or not) x (decay or not); empty groups are left out."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            key = (name.startswith("backbone."), _is_no_decay(name, parameter))
+    seen: set[int] = set()  # a shared parameter joins the group of the first module that owns it
+    for module_name, module in model.named_modules():
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            no_decay = _is_no_decay(module, parameter_name, _official_norms_decay(model, module_name))
+            key = (module_name.startswith("backbone"), no_decay)
             groups.setdefault(key, []).append(parameter)
     return [
         {"params": params, "lr": learning_rate * (backbone_multiplier if is_backbone else 1.0),
@@ -55,7 +72,7 @@ def learning_rate_factor(step: int, job: JobConfig) -> float:
 
 
 def _sanitise_gradient(gradient: torch.Tensor) -> torch.Tensor:
-    # The official recipe zeroes NaN gradients and clamps inf to +-1e5 before clipping the full-model norm.
+    # The official recipe zeroes NaN gradients and clamps inf to +-1e5 (its configured clip then never runs).
     return torch.nan_to_num(gradient, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
@@ -65,7 +82,7 @@ def deepspeed_config(job: JobConfig) -> dict:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": job.training.gradient_accumulation_steps,
         "train_batch_size": job.training.global_batch_size,
-        "gradient_clipping": job.training.gradient_clip_norm,
+        "gradient_clipping": job.training.gradient_clip_norm or 0.0,  # 0: DeepSpeed does not clip
         "zero_optimization": {"stage": job.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # our own logging reports progress

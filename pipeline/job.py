@@ -45,28 +45,26 @@ def run_preprocess_stage(job: JobConfig) -> list[dict]:
 
 def _connect_ray(job: JobConfig) -> bool:
     """One Ray connection for every stage of the job; True when this process started Ray."""
-    import ray
+    from pipeline.cluster import connect_ray
 
     uses_ray = (job.kind == "train" or (job.kind == "evaluate" and job.evaluation.num_workers > 1)
                 or (job.preprocess is not None and job.preprocess.executor == "ray"))
-    if not uses_ray or ray.is_initialized():
+    if not uses_ray:
         return False
-    address = job.preprocess.ray_address if job.kind == "preprocess" else job.scaling.ray_address
-    ray.init(address=address)
-    return True
+    return connect_ray(job.preprocess.ray_address if job.kind == "preprocess" else job.scaling.ray_address)
 
 
 def run_evaluation_stage(job: JobConfig) -> dict:
     from rich.console import Console
 
-    from pipeline.evaluate import model_tables
-    from pipeline.evaluate_model import evaluate_model
+    from pipeline.evaluation.report import model_tables
+    from pipeline.evaluation.runner import evaluate_model
 
     evaluation = job.evaluation
-    result = evaluate_model(evaluation.checkpoint, f"{job.evaluation_shards().rstrip('/')}/{job.data.val_split}", metrics=evaluation.metrics,
-                            num_workers=evaluation.num_workers, max_images=evaluation.max_images,
-                            multiscale=evaluation.semantic_multiscale, out=evaluation.output,
-                            pictures=job.tracking.log_pictures)
+    result = evaluate_model(evaluation.checkpoint, f"{job.evaluation_shards().rstrip('/')}/{job.data.val_split}",
+                            metrics=evaluation.metrics, num_workers=evaluation.num_workers,
+                            max_images=evaluation.max_images, multiscale=evaluation.semantic_multiscale,
+                            test_size=evaluation.test_size, out=evaluation.output, pictures=job.tracking.log_pictures)
     console = Console()
     for table in model_tables(result):
         console.print(table)
@@ -75,7 +73,8 @@ def run_evaluation_stage(job: JobConfig) -> dict:
     return result
 
 
-def run_job(job: JobConfig) -> None:
+def run_job(job: JobConfig, overrides: list[str] | None = None) -> None:
+    """Run every stage of `job`; `overrides` (the command line's section.key=value) are recorded in MLflow."""
     if job.synthetic_dataset is not None:
         ensure_synthetic_dataset(job)
     started_ray = _connect_ray(job)
@@ -83,9 +82,9 @@ def run_job(job: JobConfig) -> None:
         if job.preprocess is not None:
             run_preprocess_stage(job)
         if job.kind == "train":
-            from pipeline.train import run_training
+            from pipeline.launch import run_training
 
-            run_training(job)
+            run_training(job, {"job_overrides": " ".join(overrides)} if overrides else {})
         elif job.kind == "evaluate":
             run_evaluation_stage(job)
     finally:
@@ -98,18 +97,22 @@ def run_job(job: JobConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run a OneFormer job file.")
     parser.add_argument("job_file", help="path of the job YAML")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override a key of the file (value read as YAML), validated like the file")
     parser.add_argument("--check", action="store_true", help="validate the file, print the resolved config, exit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        job = load_job(args.job_file)
+        job = load_job(args.job_file, args.overrides)
     except JobConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.check:
+        if args.overrides:
+            print(f"# overrides: {' '.join(args.overrides)}")
         print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
         return 0
-    run_job(job)
+    run_job(job, args.overrides)
     return 0
 
 

@@ -82,6 +82,10 @@ class RunTracker:
         })
         self._mlflow.log_dict(job.model_dump(mode="json"), "job_config.json")
 
+    def log_params(self, params: dict[str, str]) -> None:
+        if params:
+            self._mlflow.log_params(params)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self._pending.append((metrics, step))
         self._flush()

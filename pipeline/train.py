@@ -1,118 +1,126 @@
-"""Training: a Ray Train TorchTrainer whose worker function reads only its config, builds OneFormer, wraps it
-with DeepSpeed (pipeline/distributed.py), streams the shards and runs the joint task-conditioned training.
+"""Training: the `Trainer`, one worker's loop (the step, logging, validation, checkpoints), which takes a small
+`TrainContext` (rank, world size, where to resume from, how to report) and knows nothing of Ray;
+pipeline/launch.py's Ray Train worker function builds that context.
 
-Every checkpoint holds every rank's DeepSpeed state plus each rank's data-stream position and RNG states, so
-a restarted worker group (FailureConfig) or a resubmitted job continues from `ray.train.get_checkpoint()`
-without repeating or skipping samples. Rank 0 logs to MLflow and evaluates at the end.
+Every checkpoint holds the worker's DeepSpeed state plus its `Trainer.state_dict()` (data-stream position, RNG
+states, step, MLflow run, best validation), so a restarted worker group or a resubmitted job continues without
+repeating or skipping samples. Rank 0 logs to MLflow.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import random
+import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import torch
 
+from model.backbones.weights import load_backbone_weights
+from model.checkpoint import build_from_config, load_weights, save_model
+from model.criterion import LossConfig, training_loss
+from model.oneformer import OneFormer
+from model.presets import OneFormerConfig
 from pipeline.config import JobConfig
-from pipeline.distributed import configure_deepspeed_environment
-from pipeline.tracking import create_local_store, resolve_tracking_uri
+from pipeline.data.readers import ClassInfo
+from pipeline.data.shards import manifest_classes, read_manifest
+from pipeline.data.stream import ModelInputs, build_train_loader
+from pipeline.distributed import full_state_dict, wrap_with_deepspeed
+from pipeline.tracking import RunTracker
 
 log = logging.getLogger("pipeline.train")
 CHECKPOINT_TAG = "state"
 
 
-def shard_folder(job: JobConfig, split: str) -> str:
-    return f"{(job.stream.shards or job.preprocess.output).rstrip('/')}/{split}"
+@dataclasses.dataclass
+class TrainContext:
+    """What a worker's Trainer gets from whatever launched it."""
+
+    rank: int
+    world_size: int
+    report: Callable[[dict, str | None], None]
+    """report(metrics, checkpoint folder or None): hands a checkpoint (and its metrics) to the launcher."""
+    tracking_uri: str
+    resume_from: str | None = None
+    """A local checkpoint folder written by `Trainer.save_checkpoint`."""
+    run_tags: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def read_classes(job: JobConfig):
-    import fsspec
-
-    from pipeline.data.shards import manifest_classes, read_manifest
-
-    fs, root = fsspec.core.url_to_fs(shard_folder(job, job.data.train_split))
+def read_classes(job: JobConfig) -> ClassInfo:
+    fs, root = fsspec.core.url_to_fs(job.split_shards(job.data.train_split))
     return manifest_classes(read_manifest(fs, root))
 
 
-def training_model_config(job: JobConfig, num_classes: int):
-    """The OneFormerConfig of the job's model (with the text mapper, for the contrastive loss)."""
-    from model import make_config
-
-    overrides = {"num_classes": num_classes, "training": True}
-    if job.model.dataset is not None:
-        overrides["dataset"] = job.model.dataset
-    if job.model.num_queries is not None:
-        overrides["num_queries"] = job.model.num_queries
-    if job.model.deform_attn_backend is not None:
-        overrides["ms_deform_attn_backend"] = job.model.deform_attn_backend
-    return make_config(job.model.preset, **overrides)
-
-
-def build_training_model(job: JobConfig, num_classes: int):
-    from model.convert import build_from_config
-
-    model = build_from_config(training_model_config(job, num_classes))
+def build_training_model(job: JobConfig, config: OneFormerConfig) -> tuple[OneFormer, dict[str, str]]:
+    """A fresh model, then the backbone weights, then the whole-model weights of the job, all loaded strictly.
+    Returns the model and what it was initialised from (MLflow parameters)."""
+    model = build_from_config(config)
+    initialised: dict[str, str] = {}
+    if job.model.backbone_weights is not None:
+        report = load_backbone_weights(model.backbone, job.model.backbone_weights)
+        log.info("backbone weights: %s", report.summary())
+        initialised |= {"init.backbone_weights": report.source,
+                        "init.backbone_tensors_loaded": f"{report.loaded}/{report.backbone_tensors}"}
     if job.model.weights is not None:
-        state = torch.load(job.model.weights, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state.get("model", state), strict=False)
-        log.info("initialised from %s (missing %d, unexpected %d keys)", job.model.weights, len(missing), len(unexpected))
-    return model
+        loaded = load_weights(model, job.model.weights)
+        log.info("model weights: %d tensors from %s", loaded, job.model.weights)
+        initialised |= {"init.weights": job.model.weights, "init.tensors_loaded": str(loaded)}
+    return model, initialised
 
 
 class Trainer:
     """One worker's training: `train_step` is the step; `fit` runs steps, logging, checkpoints, validation."""
 
-    def __init__(self, job: JobConfig, tracking_uri: str, run_tags: dict[str, str] | None = None):
-        import ray.train
-
-        from model.criterion import LossWeights, OneFormerCriterion
-        from model.matcher import HungarianMatcher
-        from pipeline.data.stream import build_train_loader
-        from pipeline.distributed import wrap_with_deepspeed
-
-        context = ray.train.get_context()
-        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
-        self.job = job
+    def __init__(self, job: JobConfig, context: TrainContext):
+        self.job, self.context = job, context
+        self.rank, self.world_size = context.rank, context.world_size
         torch.manual_seed(job.training.seed)
         self.classes = read_classes(job)
-        model = build_training_model(job, self.classes.num_classes)
-        self.criterion = OneFormerCriterion(self.classes.num_classes, HungarianMatcher())
-        self.loss_weights = LossWeights()
+        self.model_config = job.model.oneformer_config(self.classes.num_classes)
+        model, initialised = build_training_model(job, self.model_config)
+        self.losses = LossConfig()
+        self.criterion = self.losses.build_criterion(self.classes.num_classes)
         self.engine, self.scheduler = wrap_with_deepspeed(model, job)
-        self.loader = build_train_loader(job.stream, shard_folder(job, job.data.train_split), self.rank, self.world_size)
-        self.dtype = next(self.engine.module.parameters()).dtype
+        self.inputs = ModelInputs.from_config(self.model_config)
+        self.loader = build_train_loader(job.stream, self.inputs, job.split_shards(job.data.train_split),
+                                         self.rank, self.world_size)
+        self.evaluation_model: OneFormer | None = None  # built at the first validation, then only refreshed
         self.step = 0
         self.best: dict | None = None  # step and validation metrics of the best PQ so far (rank 0)
+        self.run_id: str | None = None
+        if context.resume_from is not None:
+            self.load_checkpoint(context.resume_from)
         self.tracker = None
-        resumed_run_id = self._restore(ray.train.get_checkpoint())
-        if self.rank == 0:
-            from pipeline.tracking import RunTracker
+        if self.rank == 0 and not self.finished:
+            self.tracker = RunTracker(job, context.tracking_uri, run_id=self.run_id, tags=context.run_tags)
+            if self.run_id is None:
+                self.tracker.log_params(initialised)
+            self.run_id = self.tracker.run_id
 
-            self.tracker = RunTracker(job, tracking_uri, run_id=resumed_run_id, tags=run_tags)
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.job.training.max_steps
 
     # ------------------------------------------------------------------------------------------ the step
     def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Forward, loss and backward of one micro-batch; the optimizer steps on accumulation boundaries.
-        Returns detached tensors: converting them to numbers is a host sync, left to the logging steps."""
+        Returns detached tensors: converting them to numbers is a host sync, left to the logging steps.
+        Images stay float32 (0-255): the model normalises them in float32 whatever its weights' precision."""
         device = self.engine.device
-        images = batch["images"].to(device=device, dtype=self.dtype)
-        outputs = self.engine(images, batch["tasks"], batch["text_tokens"].to(device))
         targets = [{key: value.to(device) for key, value in target.items()} for target in batch["targets"]]
-        terms = self.criterion(outputs, targets)
-        loss = self._weighted(terms)
+        loss, terms = training_loss(self.engine, self.criterion, self.losses, batch["images"].to(device),
+                                    batch["tasks"], batch["text_tokens"].to(device), targets)
         self.engine.backward(loss)
         self.engine.step()
         return {"loss": loss.detach(), **self._grouped_terms(terms)}
-
-    def _weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        from model.criterion import weighted_total
-
-        return weighted_total(terms, self.loss_weights)
 
     @staticmethod
     def _grouped_terms(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -121,9 +129,14 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> None:
+        if self.finished:  # a re-run of a finished job: nothing to train, the run and its model stay as they are
+            log.info("rank %d: the run already reached step %d of %d", self.rank, self.step, self.job.training.max_steps)
+            self.context.report({"step": self.step, "run_complete": 1, "mlflow_run_id": self.run_id}, None)
+            return
         accumulation = self.job.training.gradient_accumulation_steps
         window = _ThroughputWindow()
         batches = iter(self.loader)
+        metrics: dict[str, float] = {}
         while self.step < self.job.training.max_steps:
             for micro_step in range(accumulation):
                 waited = time.perf_counter()
@@ -145,8 +158,7 @@ class Trainer:
             elif self.step % self.job.training.checkpoint_every == 0 and self.step < self.job.training.max_steps:
                 self._checkpoint({"step": self.step, **metrics})
         validation = self._validate(final=True)
-        run_id = {"mlflow_run_id": self.tracker.run_id} if self.tracker is not None else {}
-        self._checkpoint({"step": self.step, **metrics, **validation, **run_id})
+        self._checkpoint({"step": self.step, **metrics, **validation, "mlflow_run_id": self.run_id})
         if self.tracker is not None:
             self.tracker.log_metrics(validation, self.step)
             self.tracker.finish()
@@ -185,50 +197,54 @@ class Trainer:
         logs the metrics and pictures, keeps the best model by PQ, and exports the model when `final`."""
         import torch.distributed as dist
 
-        from pipeline.distributed import full_state_dict
+        from pipeline.evaluation.runner import merge_parts
 
         state = full_state_dict(self.engine)  # collective under ZeRO-3
-        validator = self._evaluate_part(state)
+        results = self._evaluate_part(state)
         if dist.is_initialized() and self.world_size > 1:
             parts = [None] * self.world_size if self.rank == 0 else None
-            dist.gather_object(validator, parts, dst=0)
+            dist.gather_object(results, parts, dst=0)
             if self.rank == 0:
-                validator = parts[0]
-                for part in parts[1:]:
-                    validator.merge(part)
+                results = merge_parts(parts)
         summary: dict[str, float] = {}
         if self.rank == 0:
-            summary = self._publish_validation(validator, state, final)
+            summary = self._publish_validation(results, state, final)
         if dist.is_initialized():
             dist.barrier()
         return summary
 
     def _evaluate_part(self, state: dict):
-        from model.inference import thresholds_for
+        """This rank's PartialResults, predicted at the test size exactly as `python -m pipeline.evaluate model`
+        does (pipeline/evaluation/runner.py); max_images is shared out over the ranks."""
+        from model.inference import resolve_inference_size, thresholds_from_config
         from pipeline.data.stream import build_eval_loader
-        from pipeline.validate import Validator
+        from pipeline.evaluation.runner import EvaluationOptions, evaluate, split_quota
 
-        with torch.random.fork_rng(devices=[]):  # the training's random stream must not depend on validations
-            model = build_training_model(self.job, self.classes.num_classes)
-        model.load_state_dict(state)
-        model.to(self.engine.device).eval()
+        model = self._refreshed_evaluation_model(state)
         evaluation = self.job.evaluation
-        validator = Validator(self.classes, thresholds_for(self.job.model.dataset or "ade20k"), evaluation.metrics,
-                              pictures=self.job.tracking.log_pictures if self.rank == 0 else 0,
-                              semantic_multiscale=evaluation.semantic_multiscale,
-                              size_divisibility=self.job.stream.size_divisibility)
-        loader = build_eval_loader(self.job.stream, shard_folder(self.job, self.job.data.val_split),
-                                   rank=self.rank, world_size=self.world_size)
-        limit = None if evaluation.max_images is None else -(-evaluation.max_images // self.world_size)
-        for index, batch in enumerate(loader):
-            if limit is not None and index >= limit:
-                break
-            validator.add_batch(model, batch, self.engine.device, torch.float32)
-        return validator
+        options = EvaluationOptions(
+            self.classes, thresholds_from_config(self.model_config), tuple(evaluation.metrics),
+            size=resolve_inference_size(self.model_config, evaluation.test_size),
+            semantic_multiscale=evaluation.semantic_multiscale, size_divisibility=self.model_config.size_divisibility,
+            pictures=self.job.tracking.log_pictures if self.rank == 0 else 0)
+        loader = build_eval_loader(self.job.split_shards(self.job.data.val_split), self.inputs, self.rank,
+                                   self.world_size)
+        return evaluate(model, loader, options, max_images=split_quota(evaluation.max_images, self.rank, self.world_size))
 
-    def _publish_validation(self, validator, state: dict, final: bool) -> dict[str, float]:
-        details = validator.compute_details()
-        summary = {f"val/{key}": value for key, value in validator.compute(details).items()}
+    def _refreshed_evaluation_model(self, state: dict) -> OneFormer:
+        """A float32 copy of the model for evaluation, built once (its random init must not shift the training's
+        random stream) and given the current weights at each validation."""
+        if self.evaluation_model is None:
+            with torch.random.fork_rng(devices=[]):
+                self.evaluation_model = build_from_config(self.model_config).to(self.engine.device)
+        self.evaluation_model.load_state_dict(state)
+        return self.evaluation_model.eval()
+
+    def _publish_validation(self, results, state: dict, final: bool) -> dict[str, float]:
+        from pipeline.evaluation.report import save_pictures
+
+        details = results.compute_details()
+        summary = {f"val/{key}": value for key, value in results.compute(details).items()}
         log.info("validation at step %d: %s", self.step, " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
         pq = summary.get("val/PQ")
         if pq is not None and (self.best is None or pq > self.best["val/PQ"]):
@@ -236,7 +252,7 @@ class Trainer:
             shutil.rmtree(self._write_model_files(state, "best", self.best))
         if self.tracker is not None:
             pictures = Path(tempfile.mkdtemp(prefix="pictures_"))
-            for picture in validator.save_pictures(pictures, details):
+            for picture in save_pictures(results, pictures, details):
                 self.tracker.log_artifact(picture, f"pictures/step_{self.step:07d}")
         if final:
             folder = self._write_model_files(state, "model", summary)
@@ -248,16 +264,11 @@ class Trainer:
         return summary
 
     def _write_model_files(self, state: dict, name: str, metrics: dict) -> Path:
-        """A consolidated fp32 model file that `model.convert.load_checkpoint` loads without DeepSpeed, the
-        class metadata and the metrics, in `<storage_path>/<job name>/<name>/`. Returns a local copy."""
-        import dataclasses
-        import json
-
-        import fsspec
-
+        """A consolidated fp32 model file that `model.checkpoint.load_model` reads without DeepSpeed, the class
+        metadata and the metrics, in `<storage_path>/<job name>/<name>/`. Returns a local copy."""
         folder = Path(tempfile.mkdtemp(prefix=f"{name}_"))
-        config = training_model_config(self.job, self.classes.num_classes)
-        torch.save({"config": dataclasses.asdict(config), "model": state}, folder / "model.pt")
+        self._refreshed_evaluation_model(state)
+        save_model(self.evaluation_model, self.model_config, folder / "model.pt")
         (folder / "classes.json").write_text(json.dumps(self.classes.to_json(), indent=1))
         (folder / "metrics.json").write_text(json.dumps({"step": self.step, **metrics}, indent=1))
         fs, destination = fsspec.core.url_to_fs(f"{self.job.scaling.storage_path.rstrip('/')}/{self.job.name}/{name}")
@@ -270,28 +281,29 @@ class Trainer:
         return folder
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _checkpoint(self, metrics: dict) -> None:
-        import ray.train
+    def state_dict(self) -> dict:
+        """This worker's state beside the DeepSpeed engine's: step, stream position, RNG states, run, best."""
+        return {"step": self.step, "loader": self.loader.state_dict(), "rng": _rng_state(), "run_id": self.run_id,
+                "best": self.best}
 
-        with tempfile.TemporaryDirectory() as folder:
-            self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
-            torch.save({"step": self.step, "loader": self.loader.state_dict(), "rng": _rng_state(),
-                        "run_id": self.tracker.run_id if self.tracker else None, "best": self.best},
-                       Path(folder) / f"trainer_rank{self.rank}.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-    def _restore(self, checkpoint) -> str | None:
-        """Continue from `checkpoint` if there is one; returns the MLflow run id that rank 0 was logging to."""
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-            state = torch.load(Path(folder) / f"trainer_rank{self.rank}.pt", weights_only=False)
-        self.step, self.best = state["step"], state["best"]
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best, self.run_id = state["step"], state["best"], state["run_id"]
         self.loader.load_state_dict(state["loader"])
         _set_rng_state(state["rng"])
+
+    def save_checkpoint(self, folder: str) -> None:
+        self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
+        torch.save(self.state_dict(), Path(folder) / f"trainer_rank{self.rank}.pt")
+
+    def load_checkpoint(self, folder: str) -> None:
+        self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        self.load_state_dict(torch.load(Path(folder) / f"trainer_rank{self.rank}.pt", weights_only=False))
         log.info("rank %d resumed at step %d", self.rank, self.step)
-        return state["run_id"]
+
+    def _checkpoint(self, metrics: dict) -> None:
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_checkpoint(folder)
+            self.context.report(metrics, folder)
 
 
 class _ThroughputWindow:
@@ -302,8 +314,6 @@ class _ThroughputWindow:
 
 
 def _max_rss_gb() -> float:
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
@@ -315,85 +325,3 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-
-
-# ---------------------------------------------------------------------------------------------- entry points
-def train_worker(config: dict) -> None:
-    """The Ray Train worker function: reads only its config."""
-    job = JobConfig.model_validate(config["job"])
-    configure_deepspeed_environment(job.scaling.use_gpu)
-    torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-    Trainer(job, config["tracking_uri"], config.get("run_tags")).fit()
-
-
-def ray_job_tags() -> dict[str, str]:
-    """The Ray job id and, for a `ray job submit`, the submission id that `ray job logs/status` take."""
-    import json
-    import os
-
-    import ray
-
-    tags = {"ray_job_id": ray.get_runtime_context().get_job_id()}
-    injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set for submitted jobs' drivers
-    submission_id = injected.get("metadata", {}).get("job_submission_id")
-    if submission_id:
-        tags["ray_submission_id"] = submission_id
-    return tags
-
-
-def run_training(job: JobConfig):
-    """Driver side: start (or join) Ray and run the TorchTrainer; prints the final metrics."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    configure_deepspeed_environment(job.scaling.use_gpu)
-    create_local_store(resolve_tracking_uri(job))
-    if not ray.is_initialized():
-        ray.init(address=job.scaling.ray_address)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
-                           "run_tags": ray_job_tags()},
-        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
-                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
-        run_config=RunConfig(
-            name=job.name, storage_path=job.scaling.storage_path,
-            failure_config=FailureConfig(max_failures=job.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints),
-        ),
-    )
-    result = trainer.fit()
-    _print_results(job, result)
-    return result
-
-
-def _print_results(job: JobConfig, result) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{job.name}: final metrics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    metrics = result.metrics or {}
-    for key, value in sorted(metrics.items()):
-        if isinstance(value, int | float):
-            table.add_row(key, f"{value:.4g}")
-    Console().print(table)
-    exported = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
-    print(f"checkpoints: {result.path}")
-    best = f" (best by val PQ: {exported}/best/model.pt)" if "val/PQ" in metrics else ""
-    print(f"model: {exported}/model/model.pt{best}")
-    print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")
-    run_id = metrics.get("mlflow_run_id")
-    if run_id:
-        print(f"pictures: {_artifact_uri(job, run_id)}/pictures/ (run {run_id})")
-
-
-def _artifact_uri(job: JobConfig, run_id: str) -> str:
-    import mlflow
-
-    try:
-        return mlflow.MlflowClient(resolve_tracking_uri(job)).get_run(run_id).info.artifact_uri
-    except Exception as error:  # noqa: BLE001 - the run is done; a tracking server gone by now costs only this line
-        return f"<MLflow unreachable: {error}>"

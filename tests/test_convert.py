@@ -9,11 +9,10 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="the parity reference is the transformers port (dev extra)")
 
+from model.checkpoint import load_model, save_model  # noqa: E402
 from model.convert import (  # noqa: E402
     UnsupportedConfigError,
     from_transformers,
-    load_checkpoint,
-    save_checkpoint,
 )
 from model.convert.__main__ import main as convert_main  # noqa: E402
 from model.tokenizer import tokenize  # noqa: E402
@@ -107,7 +106,7 @@ def test_checkpoint_round_trip_and_cli(converted, tmp_path):
     hf_model, model, directory = converted
     out = tmp_path / "converted.pt"
     convert_main([str(directory), "--out", str(out), "--dataset", "ade20k"])
-    reloaded = load_checkpoint(out)
+    reloaded = load_model(out)
     assert not reloaded.training
     images = sample_images()[:1]
     with torch.no_grad():
@@ -117,13 +116,13 @@ def test_checkpoint_round_trip_and_cli(converted, tmp_path):
     from model.convert import convert_transformers_checkpoint
 
     config, _ = convert_transformers_checkpoint(directory, dataset="ade20k")
-    save_checkpoint(model, config, saved)
+    save_model(model, config, saved)
     assert torch.load(saved, weights_only=True)["config"]["backbone_kwargs"]["embed_dim"] == 16
 
 
 def test_training_model_gets_a_fresh_text_mapper_and_says_so(converted, caplog):
     hf_model, model, directory = converted
-    with caplog.at_level(logging.WARNING, logger="model.convert"):
+    with caplog.at_level(logging.WARNING, logger="model.checkpoint"):
         trainable = from_transformers(directory, dataset="ade20k", training=True)
     assert trainable.text_mapper is not None
     assert any("text mapper" in record.getMessage() for record in caplog.records)

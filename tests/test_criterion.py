@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from kernels.mask_losses import importance_sample_coords
-from model.criterion import LossWeights, OneFormerCriterion, contrastive_loss, weighted_total
+from model.criterion import LossConfig, OneFormerCriterion, contrastive_loss, weighted_total
 from model.matcher import HungarianMatcher
 
 NUM_CLASSES = 3
@@ -79,7 +79,7 @@ def hand_costs(pred_logits, pred_masks, labels, masks, coords):
 def test_matcher_equals_brute_force_and_per_image_scipy():
     outputs, targets = make_batch(0)
     layers = [*outputs["aux_outputs"], outputs]
-    assignments = HungarianMatcher(num_points=64)(layers, targets, generator=torch.Generator().manual_seed(3))
+    assignments = HungarianMatcher(2.0, 5.0, 5.0, num_points=64)(layers, targets, generator=torch.Generator().manual_seed(3))
     replay = torch.Generator().manual_seed(3)
     for layer, layer_assignments in zip(layers, assignments):
         coords = torch.rand(len(targets), 64, 2, generator=replay)  # the documented draw: [B, P, 2] per layer
@@ -129,9 +129,9 @@ def hand_mask_losses(pred_masks, assignment, targets, num_masks, generator):
 
 
 def make_criterion(**kwargs):
-    settings = dict(num_points=30, oversample_ratio=2.0, importance_sample_ratio=0.5) | kwargs
+    settings = dict(no_object_weight=0.1, num_points=30, oversample_ratio=2.0, importance_sample_ratio=0.5) | kwargs
     backend = settings.get("backend")
-    return OneFormerCriterion(NUM_CLASSES, HungarianMatcher(num_points=40, backend=backend), **settings)
+    return OneFormerCriterion(NUM_CLASSES, HungarianMatcher(2.0, 5.0, 5.0, num_points=40, backend=backend), **settings)
 
 
 def test_criterion_terms_equal_hand_computation():
@@ -141,7 +141,7 @@ def test_criterion_terms_equal_hand_computation():
 
     replay = torch.Generator().manual_seed(9)  # matcher draws first, then each layer's points, aux first
     layers = [*outputs["aux_outputs"], outputs]
-    assignments = HungarianMatcher(num_points=40)(layers, targets, generator=replay)
+    assignments = HungarianMatcher(2.0, 5.0, 5.0, num_points=40)(layers, targets, generator=replay)
     num_masks = sum(len(t["labels"]) for t in targets)
     for layer, suffix, assignment in zip(layers, ["_0", ""], assignments):
         expected_bce, expected_dice = hand_mask_losses(
@@ -221,7 +221,7 @@ def test_gradients_reach_every_layer_and_the_queries():
     outputs["text_queries"] = torch.randn(3, 4, 8, generator=gen, requires_grad=True)
     outputs["logit_scale"] = torch.tensor(2.0, requires_grad=True)
     terms = make_criterion()(outputs, targets)
-    weighted_total(terms, LossWeights()).backward()
+    weighted_total(terms, LossConfig()).backward()
     for tensor in [*leaves, outputs["object_queries"], outputs["text_queries"], outputs["logit_scale"]]:
         assert tensor.grad is not None and tensor.grad.abs().sum() > 0
 
@@ -233,7 +233,7 @@ def test_weighted_total_uses_the_one_weight_table():
         "loss_dice": torch.tensor(3.0),
         "loss_contrastive": torch.tensor(4.0),
     }
-    weights = LossWeights()
+    weights = LossConfig()
     assert weighted_total(terms, weights).item() == pytest.approx(2.0 * 1 + 5.0 * 2 + 5.0 * 3 + 0.5 * 4)
     with pytest.raises(ValueError, match="loss_box"):
         weighted_total({"loss_box": torch.tensor(1.0)}, weights)

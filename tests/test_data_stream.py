@@ -25,7 +25,7 @@ from pipeline.data.augment import (
 )
 from pipeline.data.preprocess import run_preprocess
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
-from pipeline.data.stream import PanopticShardStream, build_eval_loader, build_train_loader
+from pipeline.data.stream import ModelInputs, PanopticShardStream, build_eval_loader, build_train_loader
 from pipeline.synthetic import generate_dataset
 
 NUM_TRAIN = 10
@@ -42,10 +42,20 @@ def shards(tmp_path_factory):
     return root
 
 
+INPUTS = ModelInputs(num_text_slots=4, size_divisibility=32, pixel_mean=PIXEL_MEAN)
+
+
 def _settings(**overrides):
-    values = dict(augmentation="ade20k", crop_size=96, batch_size=2, loader_workers=2, num_queries=20,
-                  shuffle_buffer=4, seed=7)
+    values = dict(augmentation="ade20k", crop_size=96, batch_size=2, loader_workers=2, shuffle_buffer=4, seed=7)
     return StreamSettings(**{**values, **overrides})
+
+
+def _train_loader(settings, folder, rank=0, world_size=1):
+    return build_train_loader(settings, INPUTS, folder, rank, world_size)
+
+
+def _eval_loader(folder, rank=0, world_size=1, loader_workers=0):
+    return build_eval_loader(folder, INPUTS, rank, world_size, loader_workers=loader_workers)
 
 
 def _batches(loader, count):
@@ -56,7 +66,7 @@ def _batches(loader, count):
 def test_two_nodes_two_workers_see_disjoint_samples_covering_the_split(shards, layout):
     seen = []
     for rank in range(2):
-        loader = build_eval_loader(_settings(), str(shards / layout / "train"), rank=rank, world_size=2)
+        loader = _eval_loader(str(shards / layout / "train"), rank=rank, world_size=2, loader_workers=2)
         seen.append([image_id for batch in loader for image_id in batch["image_ids"]])
         assert len({b for b in loader.positions}) == 2  # both workers of the rank contributed
     assert not set(seen[0]) & set(seen[1])
@@ -65,23 +75,23 @@ def test_two_nodes_two_workers_see_disjoint_samples_covering_the_split(shards, l
 
 def test_training_batches_follow_the_contract(shards):
     settings = _settings(loader_workers=0, batch_size=3)
-    batch = next(iter(build_train_loader(settings, str(shards / "many" / "train"))))
+    batch = next(iter(_train_loader(settings, str(shards / "many" / "train"))))
     images, targets = batch["images"], batch["targets"]
     assert images.dtype == torch.float32 and images.shape == (3, 3, 96, 96)
-    assert batch["text_tokens"].shape == (3, settings.num_text_slots, 77) and batch["text_tokens"].dtype == torch.int64
+    assert batch["text_tokens"].shape == (3, INPUTS.num_text_slots, 77) and batch["text_tokens"].dtype == torch.int64
     assert set(batch["tasks"]) <= {"semantic", "instance", "panoptic"} and len(batch["tasks"]) == 3
     for target, (height, width), image in zip(targets, batch["image_sizes"], images):
         assert target["labels"].dtype == torch.int64 and target["masks"].dtype == torch.bool
         assert target["masks"].shape == (len(target["labels"]), 96, 96)
         assert not target["masks"][:, height:].any() and not target["masks"][:, :, width:].any()
-        padding = image[:, height:, :]  # rows below the crop carry the pad value
-        assert torch.allclose(padding, torch.tensor(PIXEL_MEAN).view(3, 1, 1).expand_as(padding))
+        padding = image[:, height:, :]  # rows below the crop carry the official pad value, raw 128
+        assert torch.equal(padding, torch.full_like(padding, 128.0))
 
 
 def test_stream_is_deterministic_and_seed_dependent(shards):
     folder = str(shards / "many" / "train")
-    first, second = (_batches(build_train_loader(_settings(), folder), 3) for _ in range(2))
-    other = _batches(build_train_loader(_settings(seed=8), folder), 3)
+    first, second = (_batches(_train_loader(_settings(), folder), 3) for _ in range(2))
+    other = _batches(_train_loader(_settings(seed=8), folder), 3)
     for a, b in zip(first, second):
         assert a["image_ids"] == b["image_ids"] and a["tasks"] == b["tasks"]
         assert torch.equal(a["images"], b["images"])
@@ -90,18 +100,18 @@ def test_stream_is_deterministic_and_seed_dependent(shards):
 
 def test_resume_mid_epoch_neither_repeats_nor_skips(shards):
     folder = str(shards / "many" / "train")
-    reference = _batches(build_train_loader(_settings(), folder), 9)  # crosses into the second epoch
-    interrupted = build_train_loader(_settings(), folder)
+    reference = _batches(_train_loader(_settings(), folder), 9)  # crosses into the second epoch
+    interrupted = _train_loader(_settings(), folder)
     _batches(interrupted, 4)
     state = interrupted.state_dict()
-    resumed = build_train_loader(_settings(), folder)
+    resumed = _train_loader(_settings(), folder)
     resumed.load_state_dict(state)
     for want, got in zip(reference[4:], _batches(resumed, 5)):
         assert want["image_ids"] == got["image_ids"] and want["tasks"] == got["tasks"]
         assert torch.equal(want["images"], got["images"])
         assert all(torch.equal(w["masks"], g["masks"]) for w, g in zip(want["targets"], got["targets"]))
     with pytest.raises(ValueError, match="layout"):
-        build_train_loader(_settings(loader_workers=1), folder).load_state_dict(state)
+        _train_loader(_settings(loader_workers=1), folder).load_state_dict(state)
 
 
 @pytest.mark.parametrize("preset,crop", [("ade20k", (96, 96)), ("cityscapes", (64, 128)), ("coco_lsj", (128, 128))])
@@ -135,7 +145,7 @@ def test_corrupt_sample_is_skipped_and_counted(shards, tmp_path, caplog):
             data = b"\xff\xd8broken" if index == 0 and member.name.endswith("image.jpg") else data
             member.size = len(data)
             tar.addfile(member, io.BytesIO(data))
-    loader = build_eval_loader(_settings(loader_workers=0), str(folder))
+    loader = _eval_loader(str(folder))
     with caplog.at_level("WARNING"):
         ids = [i for batch in loader for i in batch["image_ids"]]
     assert len(ids) == NUM_TRAIN - 1 and loader.num_skipped == 1
@@ -143,7 +153,7 @@ def test_corrupt_sample_is_skipped_and_counted(shards, tmp_path, caplog):
 
 
 def test_eval_stream_keeps_original_sizes_and_annotations(shards):
-    loader = build_eval_loader(_settings(loader_workers=0), str(shards / "many" / "val"))
+    loader = _eval_loader(str(shards / "many" / "val"))
     batches = list(loader)
     assert len(batches) == 2
     for batch in batches:
@@ -152,6 +162,24 @@ def test_eval_stream_keeps_original_sizes_and_annotations(shards):
         assert 160 <= height <= 320 and 160 <= width <= 320
         assert int(batch["index_maps"][0].max()) == len(batch["segments"][0])
         assert np.all(batch["images"][0, :, height:, :].numpy() == np.array(PIXEL_MEAN, np.float32)[:, None, None])
+
+
+@pytest.mark.parametrize("preset,crop,canvas_value", [("ade20k", (96, 96), 128.0), ("coco_lsj", (128, 128), 128.0),
+                                                     ("cityscapes", (64, 128), None)])
+def test_training_canvas_is_the_official_one(shards, preset, crop, canvas_value):
+    """ADE20K and COCO pad every crop to the crop size with raw 128 (void in the targets); Cityscapes pads
+    the batch to its largest image, rounded to the size multiple, with the mean (0 after normalising)."""
+    settings = _settings(augmentation=preset, crop_size=crop, loader_workers=0, batch_size=1)
+    for batch in _batches(_train_loader(settings, str(shards / "many" / "train")), 6):
+        (height, width), image = batch["image_sizes"][0], batch["images"][0]
+        if canvas_value is not None:
+            assert tuple(image.shape[1:]) == crop
+        else:
+            assert tuple(image.shape[1:]) == tuple(-(-side // 32) * 32 for side in (height, width))
+        fill = torch.tensor([canvas_value] * 3 if canvas_value is not None else PIXEL_MEAN).view(3, 1, 1)
+        assert torch.equal(image[:, height:, :], fill.expand(3, image.shape[1] - height, image.shape[2]))
+        assert torch.equal(image[:, :, width:], fill.expand(3, image.shape[1], image.shape[2] - width))
+        assert not batch["targets"][0]["masks"][:, height:].any() and not batch["targets"][0]["masks"][:, :, width:].any()
 
 
 def _float_convert(values, alpha=1.0, beta=0.0):

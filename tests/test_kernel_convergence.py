@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from model import build_model
-from model.criterion import LossWeights, OneFormerCriterion, weighted_total
-from model.matcher import HungarianMatcher
+from model.criterion import LossConfig, training_loss
 from model.tokenizer import tokenize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -37,8 +36,8 @@ def batch():
 def train_losses(backend: str) -> list[float]:
     torch.manual_seed(0)
     model = build_model("tiny", training=True, num_classes=NUM_CLASSES, ms_deform_attn_backend=backend)
-    criterion = OneFormerCriterion(NUM_CLASSES, HungarianMatcher(num_points=256, backend=backend), num_points=256,
-                                   backend=backend)
+    loss_config = LossConfig(num_points=256)
+    criterion = loss_config.build_criterion(NUM_CLASSES, backend=backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     images, targets = batch()
     num_texts = model.num_queries - model.text_mapper.num_context
@@ -48,8 +47,8 @@ def train_losses(backend: str) -> list[float]:
     for step in range(STEPS):
         torch.manual_seed(100 + step)  # the same dropout masks for both backends
         generator = torch.Generator().manual_seed(step)
-        terms = criterion(model(images, ["panoptic", "semantic"], text_tokens), targets, generator=generator)
-        loss = weighted_total(terms, LossWeights())
+        loss, _ = training_loss(model, criterion, loss_config, images, ["panoptic", "semantic"], text_tokens, targets,
+                                generator=generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

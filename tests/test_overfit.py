@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from model import build_model
-from model.criterion import LossWeights, OneFormerCriterion, weighted_total
+from model.criterion import LossConfig, training_loss
 from model.inference import panoptic_inference
-from model.matcher import HungarianMatcher
 from model.tokenizer import tokenize
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -69,8 +68,8 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_tiny_model_overfits_synthetic_images_and_recovers_their_segments():
     torch.manual_seed(0)
     model = build_model("tiny", training=True, num_classes=len(CLASS_NAMES))
-    criterion = OneFormerCriterion(len(CLASS_NAMES), HungarianMatcher(num_points=1024), num_points=1024)
-    weights = LossWeights()
+    loss_config = LossConfig(num_points=1024)
+    criterion = loss_config.build_criterion(len(CLASS_NAMES))
     samples = [synthetic_image(things) for things in DATASET]
     images = torch.stack([image for image, _ in samples])
     targets = [target for _, target in samples]
@@ -83,8 +82,7 @@ def test_tiny_model_overfits_synthetic_images_and_recovers_their_segments():
     model.train()
     losses = []
     for _ in range(STEPS):
-        terms = criterion(model(images, tasks, text_tokens), targets, generator=generator)
-        loss = weighted_total(terms, weights)
+        loss, _ = training_loss(model, criterion, loss_config, images, tasks, text_tokens, targets, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -14,9 +14,9 @@ import yaml
 from ray import cloudpickle
 
 from pipeline.config import load_job
-from pipeline.data.stream import build_train_loader
+from pipeline.data.stream import ModelInputs, build_train_loader
 from pipeline.job import ensure_synthetic_dataset, run_preprocess_stage
-from pipeline.train import Trainer, shard_folder
+from pipeline.train import TrainContext, Trainer
 
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
 GLOBAL_BATCH = 4
@@ -36,6 +36,7 @@ def loss_trace_worker(config: dict) -> None:
     """For each ZeRO stage asked for: a fresh model trained on this rank's slice of each fixed global batch.
     Rank 0 writes the mean loss over ranks per step. One worker group serves all stages: starting one is
     the slow part."""
+    import ray.train
     import torch.distributed as dist
 
     from pipeline.config import JobConfig
@@ -45,7 +46,9 @@ def loss_trace_worker(config: dict) -> None:
     for zero_stage in config["zero_stages"]:
         job = JobConfig.model_validate(config["job"])
         job.deepspeed.zero_stage = zero_stage
-        trainer = Trainer(job, config["tracking_uri"])
+        context = ray.train.get_context()
+        trainer = Trainer(job, TrainContext(context.get_world_rank(), context.get_world_size(),
+                                            report=lambda metrics, folder: None, tracking_uri=config["tracking_uri"]))
         per_rank = GLOBAL_BATCH // trainer.world_size
         start = trainer.rank * per_rank
         losses = []
@@ -77,7 +80,8 @@ def prepared(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False)
     ensure_synthetic_dataset(job)
     run_preprocess_stage(job)
-    loader = build_train_loader(job.stream, shard_folder(job, job.data.train_split), rank=0, world_size=1)
+    inputs = ModelInputs.from_config(job.model.oneformer_config())
+    loader = build_train_loader(job.stream, inputs, job.split_shards(job.data.train_split), rank=0, world_size=1)
     batches = [batch for batch, _ in zip(loader, range(NUM_STEPS))]
     torch.save(batches, workdir / "batches.pt")
     yield workdir, job

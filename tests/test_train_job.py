@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from model.convert import load_checkpoint
+from model.checkpoint import load_model
 from pipeline.job import main
 
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
@@ -67,7 +67,7 @@ def test_mlflow_run_has_config_metrics_validation_and_model(finished_job):
     local = client.download_artifacts(run.info.run_id, "model", str(finished_job / "download"))
     classes = json.loads((Path(local) / "classes.json").read_text())
     assert [c["name"] for c in classes][:2] == ["disc", "square"]
-    model = load_checkpoint(Path(local) / "model.pt")  # plain PyTorch, no DeepSpeed
+    model = load_model(Path(local) / "model.pt")  # plain PyTorch, no DeepSpeed
     outputs = model(torch.rand(1, 3, 64, 64) * 255, ["panoptic"])
     assert outputs["pred_logits"].shape == (1, 32, len(classes) + 1)
 
@@ -81,7 +81,7 @@ def test_best_model_by_validation_pq_is_kept(finished_job):
     best = json.loads((finished_job / "runs" / "demo_cpu" / "best" / "metrics.json").read_text())
     assert best["step"] == best_step and best["val/PQ"] == pytest.approx(history[best_step])
     assert run.data.metrics["val/best_PQ"] == pytest.approx(history[best_step])
-    load_checkpoint(finished_job / "runs" / "demo_cpu" / "best" / "model.pt")
+    load_model(finished_job / "runs" / "demo_cpu" / "best" / "model.pt")
     final = json.loads((finished_job / "runs" / "demo_cpu" / "model" / "metrics.json").read_text())
     assert final["step"] == 4 and final["val/PQ"] == pytest.approx(history[4])
 

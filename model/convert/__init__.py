@@ -1,8 +1,6 @@
-"""Hugging Face OneFormer checkpoints -> our OneFormer, and our own checkpoint files.
+"""Hugging Face OneFormer checkpoints -> our OneFormer (our model file itself is model/checkpoint.py's).
 
     model = from_transformers("path/to/oneformer_ade20k_swin_large")      # a save_pretrained directory
-    save_checkpoint(model, config, "oneformer_swin_l_ade20k.pt")           # {"config": ..., "model": ...}
-    model = load_checkpoint("oneformer_swin_l_ade20k.pt")
     # or: python -m model.convert DIR --out FILE.pt [--dataset ade20k] [--training]
 
 `from_transformers` reads config.json, derives `build_model` overrides from it (backbone type and sizes,
@@ -34,14 +32,13 @@ Deliberate differences from the Hugging Face port (converted weights, different 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
-import logging
 from pathlib import Path
 
 import torch
 
+from model.checkpoint import build_from_config, load_state
 from model.convert.oneformer import (
     HF_BACKBONE_PREFIX,
     UnsupportedConfigError,
@@ -49,9 +46,7 @@ from model.convert.oneformer import (
     head_overrides,
 )
 from model.oneformer import OneFormer
-from model.presets import OneFormerConfig, build_oneformer, make_config
-
-logger = logging.getLogger(__name__)
+from model.presets import OneFormerConfig, make_config
 
 # Class counts of the released checkpoints, used to pick the dataset settings when none is given.
 DATASET_BY_NUM_CLASSES = {150: "ade20k", 133: "coco", 19: "cityscapes"}
@@ -201,84 +196,20 @@ def convert_transformers_checkpoint(
     return config, state
 
 
-def build_from_config(config: OneFormerConfig) -> OneFormer:
-    """A freshly initialised OneFormer for `config` (backbone by its builder name and keyword arguments)."""
-    from model.backbones import build_backbone
-
-    return build_oneformer(config, build_backbone(config.backbone, **config.backbone_kwargs))
-
-
-def load_converted(model: OneFormer, state: dict[str, torch.Tensor]) -> None:
-    """Load `state` into `model`, strictly, except that a text mapper absent from `state` keeps its fresh init."""
-    expected = set(model.state_dict())
-    unexpected = sorted(set(state) - expected)
-    missing = sorted(expected - set(state))
-    fresh_text_mapper = [key for key in missing if key.startswith("text_mapper.")]
-    missing = [key for key in missing if not key.startswith("text_mapper.")]
-    if unexpected or missing:
-        raise KeyError(f"checkpoint does not fit the model: missing {missing[:10]} ({len(missing)}), "
-                       f"unexpected {unexpected[:10]} ({len(unexpected)})")  # fmt: skip
-    if "text_mapper.logit_scale" in state:
-        # A scalar in HF (and in older checkpoints of ours); its element count is all that must agree.
-        target_shape = model.state_dict()["text_mapper.logit_scale"].shape
-        state = {**state, "text_mapper.logit_scale": state["text_mapper.logit_scale"].reshape(target_shape)}
-    mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(model.state_dict()[key].shape)}"
-        for key, value in state.items()
-        if value.shape != model.state_dict()[key].shape
-    ]
-    if mismatched:
-        raise ValueError(f"shape mismatch for {len(mismatched)} weights: {mismatched[:5]}")
-    if fresh_text_mapper:
-        logger.warning(
-            "the checkpoint has no text mapper weights (%d tensors); the text mapper starts from its fresh "
-            "initialisation, as Hugging Face hub checkpoints never include it",
-            len(fresh_text_mapper),
-        )
-        state = {**{key: model.state_dict()[key] for key in fresh_text_mapper}, **state}
-    model.load_state_dict(state, strict=True)
-
-
 def from_transformers(directory: str | Path, dataset: str | None = None, training: bool = False) -> OneFormer:
     """Our OneFormer, in eval mode, with the weights of an HF OneFormerForUniversalSegmentation
     save_pretrained directory. training=True also builds the text mapper (fresh unless the HF checkpoint
     has one)."""
     config, state = convert_transformers_checkpoint(directory, dataset=dataset, training=training)
     model = build_from_config(config)
-    load_converted(model, state)
-    return model.eval()
-
-
-def save_checkpoint(model: OneFormer, config: OneFormerConfig, path: str | Path) -> None:
-    """Write {"config": config as a dict, "model": state_dict}."""
-    torch.save({"config": dataclasses.asdict(config), "model": model.state_dict()}, path)
-
-
-def load_checkpoint(path: str | Path, training: bool | None = None) -> OneFormer:
-    """Our OneFormer (eval mode) from a file written by save_checkpoint. training overrides the saved flag
-    (True adds a fresh text mapper to an inference checkpoint; False drops a saved one)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or set(saved) != {"config", "model"}:
-        raise ValueError(f"{path} is not a checkpoint written by save_checkpoint (keys 'config' and 'model')")
-    config = OneFormerConfig(**saved["config"])
-    state = saved["model"]
-    if training is not None and training != config.training:
-        config = dataclasses.replace(config, training=training)
-        if not training:
-            state = {key: value for key, value in state.items() if not key.startswith("text_mapper.")}
-    model = build_from_config(config)
-    load_converted(model, state)
+    load_state(model, state, source=str(directory))
     return model.eval()
 
 
 __all__ = [
     "UnsupportedConfigError",
-    "build_from_config",
     "config_from_transformers",
     "convert_transformers_checkpoint",
     "from_transformers",
-    "load_checkpoint",
-    "load_converted",
     "read_hf_state_dict",
-    "save_checkpoint",
 ]

@@ -1,13 +1,14 @@
 """python -m model.convert DIR --out FILE.pt [--dataset NAME] [--training]
 
-Converts a Hugging Face OneFormer save_pretrained directory into our checkpoint ({"config", "model"})."""
+Converts a Hugging Face OneFormer save_pretrained directory into our model file (model/checkpoint.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from model.convert import build_from_config, convert_transformers_checkpoint, load_converted, save_checkpoint
+from model.checkpoint import build_from_config, load_state, save_model
+from model.convert import convert_transformers_checkpoint
 from model.presets import DATASETS
 
 
@@ -23,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
 
     config, state = convert_transformers_checkpoint(args.directory, dataset=args.dataset, training=args.training)
     model = build_from_config(config)
-    load_converted(model, state)
-    save_checkpoint(model, config, args.out)
+    load_state(model, state, source=args.directory)
+    save_model(model, config, args.out)
     parameters = sum(p.numel() for p in model.parameters())
     logging.info("wrote %s: backbone %s, %d classes, %d queries, %.1fM parameters", args.out, config.backbone,
                  config.num_classes, config.num_queries, parameters / 1e6)

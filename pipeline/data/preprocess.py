@@ -169,12 +169,9 @@ def _finished(fs, root: str, plan: ShardPlan) -> dict | None:
 # ---------------------------------------------------------------------------------------------- driver
 def _ensure_ray(address: str | None) -> bool:
     """Connect to Ray; returns True when this call started it (and so should shut it down)."""
-    import ray
+    from pipeline.cluster import connect_ray
 
-    if ray.is_initialized():
-        return False
-    ray.init(address=address, log_to_driver=False) if address else ray.init(log_to_driver=False)
-    return True
+    return connect_ray(address, log_to_driver=False)
 
 
 def _run_shard_tasks(plans: list[ShardPlan], classes: ClassInfo, folder: str, settings: PreprocessSettings):

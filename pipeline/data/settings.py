@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DatasetFormat = Literal["coco_panoptic", "ade20k_panoptic", "cityscapes_panoptic", "custom_coco_panoptic"]
 AugmentationPreset = Literal["ade20k", "cityscapes", "coco_lsj", "none"]
+CROP_CANVAS_PRESETS = ("ade20k", "coco_lsj")
+"""Presets whose official mapper pads every training crop to the crop size with raw value 128."""
 
 
 class SplitPaths(BaseModel):
@@ -144,18 +146,18 @@ class StreamSettings(BaseModel):
     horizontal_flip: bool | None = Field(None, description="Random h-flip p=0.5; default on unless 'none'.")
     image_pad_value: tuple[float, float, float] | None = Field(
         None,
-        description="RGB value of padded pixels (0-255). Default: the pixel mean for ade20k/cityscapes/none "
-        "(the official model pads after normalising, with 0), 128 for coco_lsj (FixedSizeCrop).",
+        description="RGB value (0-255) of padded training pixels. Default, as the official mappers: 128 for "
+        "ade20k and coco_lsj; the pixel mean (0 after the model normalises) for cityscapes and none.",
     )
-    size_divisibility: int = Field(
-        32, ge=1, description="Batched images are padded up to a multiple of this (masks padded with False)."
+    pad_to_crop: bool | None = Field(
+        None,
+        description="Pad every training image to crop_size (void in the targets), as the official ADE20K and "
+        "COCO mappers do; default on for ade20k and coco_lsj. Otherwise batches pad to their largest image.",
     )
     task_thresholds: tuple[float, float] = Field(
         (0.33, 0.66),
         description="Cumulative task probabilities: u < t0 semantic, u < t1 instance, else panoptic.",
     )
-    num_queries: int = Field(250, ge=17, description="N object queries; the text list has N - num_text_context.")
-    num_text_context: int = Field(16, ge=0, description="Learnable text context entries (16 in the paper).")
     batch_size: int = Field(2, ge=1, description="Images per batch per worker process (per rank).")
     shuffle_buffer: int = Field(256, ge=1, description="Samples held by the shuffle buffer (1 = no shuffle).")
     shuffle_shards: bool = Field(True, description="Shuffle shard order each epoch (seeded).")
@@ -181,15 +183,11 @@ class StreamSettings(BaseModel):
             raise ValueError(f"task_thresholds must satisfy 0 <= t0 <= t1 <= 1, got {self.task_thresholds}")
         if self.scale_range is not None and not 0 < self.scale_range[0] <= self.scale_range[1]:
             raise ValueError(f"scale_range must satisfy 0 < min <= max, got {self.scale_range}")
-        if self.num_queries - self.num_text_context < 1:
-            raise ValueError(
-                f"num_queries ({self.num_queries}) must exceed num_text_context ({self.num_text_context})"
-            )
         if self.augmentation == "none" and self.scale_range is not None:
             raise ValueError("scale_range is set but augmentation is 'none', which never resizes")
         return self
 
     @property
-    def num_text_slots(self) -> int:
-        """Length of the per-image text list (N - 16 in the paper)."""
-        return self.num_queries - self.num_text_context
+    def pads_to_crop(self) -> bool:
+        """Whether training images are padded to crop_size (the official ADE20K and COCO canvas)."""
+        return self.pad_to_crop if self.pad_to_crop is not None else self.augmentation in CROP_CANVAS_PRESETS

@@ -25,8 +25,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from model.presets import OneFormerConfig
 from pipeline.data.augment import PIXEL_MEAN, AugmentParams, augment
-from pipeline.data.settings import StreamSettings
+from pipeline.data.settings import CROP_CANVAS_PRESETS, StreamSettings
 from pipeline.data.shards import (
     DecodedSample,
     SchemaVersionError,
@@ -40,23 +41,19 @@ log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- layout
-def rank_and_world_size(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
-    """Explicit values win; else the Ray Train context; else torch.distributed; else a single process."""
-    if rank is not None and world_size is not None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        return rank, world_size
-    try:
-        import ray.train
+@dataclass(frozen=True)
+class ModelInputs:
+    """What the stream needs from the model, derived from its config (never declared twice): the length of
+    each image's text list, the input size multiple, and the pixel mean (evaluation pads with it, which is 0
+    after the model normalises, as the official evaluation pads)."""
 
-        context = ray.train.get_context()
-        if context.get_world_size() > 1:
-            return context.get_world_rank(), context.get_world_size()
-    except Exception:  # not inside a Ray Train worker
-        pass
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    num_text_slots: int
+    size_divisibility: int
+    pixel_mean: tuple[float, float, float]
+
+    @classmethod
+    def from_config(cls, config: OneFormerConfig) -> ModelInputs:
+        return cls(config.num_queries - config.text_num_context, config.size_divisibility, tuple(config.pixel_mean))
 
 
 def worker_id_and_count() -> tuple[int, int]:
@@ -105,11 +102,12 @@ def pick_task(u: float, thresholds: tuple[float, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- collation
-def pad_images(images: list[torch.Tensor], pad_value: tuple[float, float, float], divisibility: int) -> torch.Tensor:
-    """[3, h, w] images (uint8 or float, any strides) -> float32 [B, 3, H, W], H and W the batch maxima rounded
-    up to `divisibility`; the float conversion happens in the one copy into the batch."""
-    height = -(-max(image.shape[1] for image in images) // divisibility) * divisibility
-    width = -(-max(image.shape[2] for image in images) // divisibility) * divisibility
+def pad_images(images: list[torch.Tensor], pad_value: tuple[float, float, float], divisibility: int,
+               canvas: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """[3, h, w] images (uint8 or float, any strides) -> float32 [B, 3, H, W], H and W the batch maxima (at
+    least `canvas`) rounded up to `divisibility`; the float conversion happens in the one copy into the batch."""
+    height = -(-max(canvas[0], *(image.shape[1] for image in images)) // divisibility) * divisibility
+    width = -(-max(canvas[1], *(image.shape[2] for image in images)) // divisibility) * divisibility
     batch = torch.empty((len(images), 3, height, width), dtype=torch.float32)
     fill = torch.tensor(pad_value, dtype=torch.float32).view(3, 1, 1)
     for index, image in enumerate(images):
@@ -161,6 +159,7 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         seed: int = 0,
         image_pad_value: tuple[float, float, float] = PIXEL_MEAN,
         size_divisibility: int = 32,
+        canvas: tuple[int, int] = (0, 0),
         rank: int = 0,
         world_size: int = 1,
         repeat: bool | None = None,
@@ -178,6 +177,7 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         self.shuffle_buffer = shuffle_buffer if training else 1
         self.shuffle_shards = shuffle_shards and training
         self.seed, self.image_pad_value, self.size_divisibility = seed, image_pad_value, size_divisibility
+        self.canvas = canvas
         self.rank, self.world_size = rank, world_size
         self.repeat = training if repeat is None else repeat
         self.resume_positions: dict[int, StreamPosition] = {}
@@ -224,7 +224,7 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         return sample
 
     def _collate(self, samples: list[dict], position: dict) -> dict:
-        images = pad_images([s["image"] for s in samples], self.image_pad_value, self.size_divisibility)
+        images = pad_images([s["image"] for s in samples], self.image_pad_value, self.size_divisibility, self.canvas)
         batch = {
             "images": images,
             "image_ids": [s["image_id"] for s in samples],
@@ -341,36 +341,46 @@ def augment_params_from_settings(settings: StreamSettings) -> AugmentParams:
     )
 
 
-def default_pad_value(settings: StreamSettings) -> tuple[float, float, float]:
+def training_pad_value(settings: StreamSettings) -> tuple[float, float, float]:
+    """The official training canvas: ADE20K and COCO pad with raw 128, the others with the mean (0 after the
+    model normalises)."""
     if settings.image_pad_value is not None:
         return settings.image_pad_value
-    return (128.0, 128.0, 128.0) if settings.augmentation == "coco_lsj" else PIXEL_MEAN
+    return (128.0, 128.0, 128.0) if settings.augmentation in CROP_CANVAS_PRESETS else PIXEL_MEAN
 
 
-def build_train_loader(
-    settings: StreamSettings, shard_folder: str, rank: int | None = None, world_size: int | None = None
-) -> ResumableLoader:
-    """The training loader of this rank (rank/world size from Ray Train or torch.distributed if not given)."""
-    rank, world_size = rank_and_world_size(rank, world_size)
+def training_canvas(settings: StreamSettings) -> tuple[int, int]:
+    """Every training image is padded to the crop size where the official mapper does (ADE20K, COCO)."""
+    return tuple(settings.crop_size) if settings.pads_to_crop else (0, 0)
+
+
+def build_train_loader(settings: StreamSettings, inputs: ModelInputs, shard_folder: str, rank: int,
+                       world_size: int) -> ResumableLoader:
+    """The training loader of this rank."""
+    _check_rank(rank, world_size)
     stream = PanopticShardStream(
         shard_folder, training=True, augment_params=augment_params_from_settings(settings),
-        batch_size=settings.batch_size, num_text_slots=settings.num_text_slots,
+        batch_size=settings.batch_size, num_text_slots=inputs.num_text_slots,
         task_thresholds=settings.task_thresholds, shuffle_buffer=settings.shuffle_buffer,
-        shuffle_shards=settings.shuffle_shards, seed=settings.seed, image_pad_value=default_pad_value(settings),
-        size_divisibility=settings.size_divisibility, rank=rank, world_size=world_size,
+        shuffle_shards=settings.shuffle_shards, seed=settings.seed, image_pad_value=training_pad_value(settings),
+        size_divisibility=inputs.size_divisibility, canvas=training_canvas(settings), rank=rank, world_size=world_size,
     )
     return ResumableLoader(stream, settings.loader_workers)
 
 
-def build_eval_loader(
-    settings: StreamSettings, shard_folder: str, rank: int | None = None, world_size: int | None = None,
-    batch_size: int = 1,
-) -> ResumableLoader:
-    """One pass over a split without augmentation at original sizes, split across ranks."""
-    rank, world_size = rank_and_world_size(rank, world_size)
+def build_eval_loader(shard_folder: str, inputs: ModelInputs, rank: int, world_size: int, batch_size: int = 1,
+                      loader_workers: int = 0) -> ResumableLoader:
+    """One pass over a split without augmentation at original sizes, split across ranks; images are padded
+    with the pixel mean (0 after the model normalises)."""
+    _check_rank(rank, world_size)
     stream = PanopticShardStream(
         shard_folder, training=False, augment_params=None, batch_size=batch_size,
-        num_text_slots=settings.num_text_slots, seed=settings.seed, image_pad_value=default_pad_value(settings),
-        size_divisibility=settings.size_divisibility, rank=rank, world_size=world_size,
+        num_text_slots=inputs.num_text_slots, image_pad_value=inputs.pixel_mean,
+        size_divisibility=inputs.size_divisibility, rank=rank, world_size=world_size,
     )
-    return ResumableLoader(stream, settings.loader_workers)
+    return ResumableLoader(stream, loader_workers)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")

@@ -1,0 +1,111 @@
+"""The Ray side of training: `run_training` starts (or joins) Ray and runs a Ray Train TorchTrainer whose
+worker function, `train_worker`, reads only its config, builds the Trainer's context from Ray Train (rank,
+world size, the checkpoint to resume, how to report) and runs pipeline/train.py's Trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ray
+import ray.train
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.cluster import connect_ray
+from pipeline.config import JobConfig
+from pipeline.distributed import configure_deepspeed_environment
+from pipeline.tracking import create_local_store, resolve_tracking_uri
+
+
+def train_worker(config: dict) -> None:
+    """The Ray Train worker function: reads only its config."""
+    job = JobConfig.model_validate(config["job"])
+    configure_deepspeed_environment(job.scaling.use_gpu)
+    torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
+    from pipeline.train import TrainContext, Trainer  # after the DeepSpeed environment is set
+
+    context = ray.train.get_context()
+
+    def report(metrics: dict, folder: str | None) -> None:
+        ray.train.report(metrics, checkpoint=None if folder is None else ray.train.Checkpoint.from_directory(folder))
+
+    def trainer_for(resume_from: str | None) -> Trainer:
+        return Trainer(job, TrainContext(context.get_world_rank(), context.get_world_size(), report,
+                                         config["tracking_uri"], resume_from, config.get("run_tags") or {}))
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer = trainer_for(None)
+    else:
+        with checkpoint.as_directory() as folder:  # the Trainer reads it while being built
+            trainer = trainer_for(folder)
+    trainer.fit()
+
+
+def ray_job_tags() -> dict[str, str]:
+    """The Ray job id and, for a `ray job submit`, the submission id that `ray job logs/status` take."""
+    tags = {"ray_job_id": ray.get_runtime_context().get_job_id()}
+    injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set for submitted jobs' drivers
+    submission_id = injected.get("metadata", {}).get("job_submission_id")
+    if submission_id:
+        tags["ray_submission_id"] = submission_id
+    return tags
+
+
+def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
+    """Driver side: start (or join) Ray and run the TorchTrainer; prints the final metrics. `run_tags` go on
+    the MLflow run beside the Ray job's ids."""
+    configure_deepspeed_environment(job.scaling.use_gpu)
+    create_local_store(resolve_tracking_uri(job))
+    connect_ray(job.scaling.ray_address)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
+                           "run_tags": {**ray_job_tags(), **(run_tags or {})}},
+        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
+                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+        run_config=RunConfig(
+            name=job.name, storage_path=job.scaling.storage_path,
+            failure_config=FailureConfig(max_failures=job.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    _print_results(job, result)
+    return result
+
+
+def _print_results(job: JobConfig, result) -> None:
+    metrics = result.metrics or {}
+    if metrics.get("run_complete"):
+        print(f"{job.name}: the run already reached step {metrics['step']} (training.max_steps "
+              f"{job.training.max_steps}); nothing to train. Raise training.max_steps to continue it.")
+    else:
+        table = Table(title=f"{job.name}: final metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key, value in sorted(metrics.items()):
+            if isinstance(value, int | float):
+                table.add_row(key, f"{value:.4g}")
+        Console().print(table)
+    exported = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
+    print(f"checkpoints: {result.path}")
+    best = f" (best by val PQ: {exported}/best/model.pt)" if "val/PQ" in metrics or metrics.get("run_complete") else ""
+    print(f"model: {exported}/model/model.pt{best}")
+    print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")
+    run_id = metrics.get("mlflow_run_id")
+    if run_id:
+        print(f"pictures: {_artifact_uri(job, run_id)}/pictures/ (run {run_id})")
+
+
+def _artifact_uri(job: JobConfig, run_id: str) -> str:
+    import mlflow
+
+    try:
+        return mlflow.MlflowClient(resolve_tracking_uri(job)).get_run(run_id).info.artifact_uri
+    except Exception as error:  # noqa: BLE001 - the run is done; a tracking server gone by now costs only this line
+        return f"<MLflow unreachable: {error}>"
