@@ -6,6 +6,14 @@ decoder width; 16 learned context embeddings are appended, giving N text queries
 contrastive temperature lives here too, as `logit_scale` = log(1/0.07) at init (the loss takes exp and
 clamps at 100).
 
+Exact savings (ours alone): of the N-16 texts per image most are the task's padding sentence, so the mapper
+encodes each distinct text of the batch once and gathers the results (duplicates get the same feature, and
+the gather's backward sums their gradients). It also cuts every text after the position of the batch's last
+end token: under the causal mask a token's feature depends only on the tokens before it, so the end-token
+features are the same as at full length; the positional embedding is sliced to the kept length and the
+end-token index is unchanged. Outputs and gradients equal the full computation up to summation order. On a
+GPU this costs one host sync per step (`torch.unique` and the cut length are data-dependent shapes).
+
 Where the public implementations differ (and what we follow):
 - Hugging Face builds the causal mask but never passes it to the attention, so every token sees the padding
   after it; the official code applies it; we apply it.
@@ -52,7 +60,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """Token ids [M, context_length] -> features at the end-of-text token [M, width]."""
+    """Token ids [M, L] (L <= context_length, position i gets positional embedding i) -> features at the
+    end-of-text token [M, width]. Encodes exactly what it is given: the savings are the mapper's."""
 
     def __init__(self, context_length: int, width: int, num_layers: int, num_heads: int, vocab_size: int):
         super().__init__()
@@ -78,15 +87,26 @@ class TextEncoder(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=projection_std)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if token_ids.ndim != 2 or token_ids.shape[1] != self.context_length:
-            raise ValueError(f"token_ids must be [M, {self.context_length}], got {list(token_ids.shape)}")
-        x = self.token_embedding(token_ids) + self.positional_embedding
-        mask = self.causal_mask.to(x.dtype)
+        if token_ids.ndim != 2 or not 1 <= token_ids.shape[1] <= self.context_length:
+            raise ValueError(
+                f"token_ids must be [M, L] with 1 <= L <= {self.context_length}, got {list(token_ids.shape)}"
+            )
+        length = token_ids.shape[1]
+        x = self.token_embedding(token_ids) + self.positional_embedding[:length]
+        mask = self.causal_mask[:length, :length].to(x.dtype)
         for block in self.resblocks:
             x = block(x, mask)
         x = self.ln_final(x)
         end_of_text = token_ids.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), end_of_text]
+
+
+def distinct_texts(token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [M, L] -> (each distinct text once, cut after the last end token among them [U, L'],
+    the row of every input text among those [M]). The end token has the largest id, hence argmax."""
+    texts, index = torch.unique(token_ids, dim=0, return_inverse=True)
+    length = int(texts.argmax(dim=-1).max()) + 1
+    return texts[:, :length], index
 
 
 class TextMapper(nn.Module):
@@ -118,8 +138,10 @@ class TextMapper(nn.Module):
         if text_tokens.ndim != 3:
             raise ValueError(f"text_tokens must be [B, T, context_length], got {list(text_tokens.shape)}")
         batch, num_texts, length = text_tokens.shape
-        encoded = self.text_encoder(text_tokens.reshape(batch * num_texts, length))
-        queries = self.text_projector(encoded).view(batch, num_texts, -1)
+        texts, index = distinct_texts(text_tokens.reshape(batch * num_texts, length))
+        # The projector works row by row too: project the distinct texts, then gather.
+        projected = self.text_projector(self.text_encoder(texts))
+        queries = projected[index].view(batch, num_texts, -1)
         if self.prompt_ctx is not None:
             context = self.prompt_ctx.weight.unsqueeze(0).expand(batch, -1, -1)
             queries = torch.cat([queries, context], dim=1)
