@@ -16,15 +16,19 @@ import contextlib
 import io
 import json
 import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from panopticapi import evaluation as panopticapi_evaluation
 from PIL import Image
 
 from pipeline.evaluation.panoptic import pq_compute
-from pipeline.evaluation.random_panoptic import write_random_panoptic_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the tests' data generator
+from random_panoptic import write_random_panoptic_dataset  # noqa: E402
 
 
 def panopticapi_single_process(gt_json_file, pred_json_file, gt_folder, pred_folder) -> dict:

@@ -2,14 +2,24 @@
 Mask2Former code does (not as the Hugging Face port does: its instance path builds a non-overlapping map
 with a 0.5 score threshold; ours keeps the official top-k of overlapping masks with no threshold).
 
-Every image goes through the same three steps:
-1. its stride-4 mask logits are upsampled to the padded input size, cropped to the unpadded image size and
+Every image goes through the same steps (``predict`` runs them all):
+1. it is resized to the dataset's test size (detectron2's ResizeShortestEdge(MIN_SIZE_TEST, MAX_SIZE_TEST), as
+   the official test mapper does; ``INFERENCE_SIZES``), padded to the size divisibility with the pixel mean (0 after
+   normalising, as the official model pads) and run through the model with its task;
+2. its stride-4 mask logits are upsampled to the padded input size, cropped to the unpadded image size and
    resized to the original size (detectron2's ``sem_seg_postprocess``);
-2. the task's rule combines class logits [Q, K+1] and mask logits [Q, H, W] into a result;
-3. results are returned per image, one typed object per task.
+3. the task's rule combines class logits [Q, K+1] and mask logits [Q, H, W] into a result at the original size;
+4. results are returned per image, one typed object per task.
 
 The per-task functions work on one image's tensors, on CPU or GPU, without Python loops over pixels or
-queries. ``postprocess`` is the batched entry point.
+queries. ``postprocess`` is the batched entry point of steps 2-4.
+
+Resampling: the official mapper resizes uint8 images with Pillow's bilinear filter; here float images are
+resized with torch's bilinear filter with antialiasing, the closest tensor equivalent (the same triangle
+filter, widened when shrinking). Measured on a 120x160 0-255 test image resized to 33x44 ... 640x853, they
+differ by at most 1 grey level, 0.26-0.36 on average: Pillow's fixed-point weights and its rounding to uint8
+(tests/test_inference.py pins the bound). Plain bilinear without antialiasing would differ by tens of grey
+levels when shrinking.
 """
 
 from __future__ import annotations
@@ -63,6 +73,100 @@ def thresholds_from_config(config) -> InferenceThresholds:
         instance_top_k=config.test_topk,
         overlap_threshold=config.overlap_threshold,
     )
+
+
+TTA_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+"""Multi-scale test short sides as factors of the test short side: the official TEST.AUG.MIN_SIZES are these
+multiples of MIN_SIZE_TEST (ADE20K-640 320..1120, ADE20K-1280 640..2240, Cityscapes 512..1792)."""
+
+
+@dataclass(frozen=True)
+class InferenceSize:
+    """The test-time resize of a dataset: ResizeShortestEdge to `short_side` with the long side capped at
+    `max_size`, and the cap of the multi-scale views (the official TEST.AUG.MAX_SIZE)."""
+
+    short_side: int
+    max_size: int
+    tta_max_size: int | None = None
+    """Default: max_size x the largest TTA factor (the ADE20K configs' rule: 2560 x 1.75 = 4480)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.short_side <= self.max_size:
+            raise ValueError(f"test size needs 0 < short side <= max size, got ({self.short_side}, {self.max_size})")
+        if self.tta_max_size is None:
+            object.__setattr__(self, "tta_max_size", round(self.max_size * TTA_FACTORS[-1]))
+        if self.tta_max_size < 1:
+            raise ValueError(f"tta_max_size must be >= 1, got {self.tta_max_size}")
+
+    def tta_short_sides(self, factors: Sequence[float] = TTA_FACTORS) -> tuple[int, ...]:
+        """The multi-scale views' short sides (official TEST.AUG.MIN_SIZES): factors of the test short side."""
+        return tuple(max(1, round(self.short_side * factor)) for factor in factors)
+
+
+INFERENCE_SIZES: dict[str, InferenceSize] = {
+    "ade20k": InferenceSize(640, 2560, tta_max_size=4480),
+    "ade20k_1280": InferenceSize(1280, 5120, tta_max_size=8960),
+    # OneFormer ships no COCO multi-scale config (TTA is for semantic mIoU); the ADE20K rule gives 1333 x 1.75.
+    "coco": InferenceSize(800, 1333, tta_max_size=2333),
+    "cityscapes": InferenceSize(1024, 2048, tta_max_size=4096),
+}
+"""The official MIN_SIZE_TEST / MAX_SIZE_TEST (and TEST.AUG.MAX_SIZE) per dataset, keyed like the model
+config's `dataset` field."""
+
+
+def inference_size_for(dataset: str) -> InferenceSize:
+    """The official test-time resize of `dataset`."""
+    if dataset not in INFERENCE_SIZES:
+        raise ValueError(f"dataset must be one of {sorted(INFERENCE_SIZES)}, got {dataset!r}")
+    return INFERENCE_SIZES[dataset]
+
+
+def inference_size_from_config(config) -> InferenceSize:
+    """The official test-time resize of the dataset a model config names (its `dataset` field)."""
+    return inference_size_for(config.dataset)
+
+
+def resolve_inference_size(config, test_size: tuple[int, int] | str | None = None) -> InferenceSize | None:
+    """The size a model is evaluated at: test_size None -> the official test size of the model config's
+    `dataset`; "none" -> each image at its own size (returns None); (short, max) -> that ResizeShortestEdge."""
+    if test_size is None:
+        return inference_size_from_config(config)
+    if isinstance(test_size, str):
+        if test_size.lower() != "none":
+            raise ValueError(f"test size must be (short side, max size), 'none' or unset, got {test_size!r}")
+        return None
+    if len(test_size) != 2:
+        raise ValueError(f"test size must be (short side, max size), got {tuple(test_size)}")
+    return InferenceSize(int(test_size[0]), int(test_size[1]))
+
+
+def resized_shape(height: int, width: int, short_side: int, max_size: int) -> tuple[int, int]:
+    """detectron2's ResizeShortestEdge output shape: the short side becomes `short_side`, then both sides
+    shrink together if the long side exceeds `max_size`; each side rounded half up."""
+    scale = short_side / min(height, width)
+    if height < width:
+        new_height, new_width = float(short_side), width * scale
+    else:
+        new_height, new_width = height * scale, float(short_side)
+    longest = max(new_height, new_width)
+    if longest > max_size:
+        new_height, new_width = new_height * max_size / longest, new_width * max_size / longest
+    return int(new_height + 0.5), int(new_width + 0.5)
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[3, h, w] float -> [3, H, W], bilinear with antialiasing (see the module docstring); same size: as is."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None].float(), size=tuple(size), mode="bilinear", align_corners=False,
+                         antialias=True)[0]
+
+
+def resize_to_inference_size(image: torch.Tensor, size: InferenceSize | None) -> torch.Tensor:
+    """The image the model sees: [3, h, w] resized to the test size, or unchanged when `size` is None."""
+    if size is None:
+        return image
+    return resize_image(image, resized_shape(*image.shape[-2:], size.short_side, size.max_size))
 
 
 @dataclass
@@ -287,35 +391,64 @@ def _infer_one(task, class_logits, mask_logits, is_thing, thresholds):
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
+def predict(
+    model: torch.nn.Module,
+    images: Sequence[torch.Tensor],
+    tasks: Sequence[str],
+    is_thing: Sequence[bool] | torch.Tensor,
+    thresholds: InferenceThresholds,
+    size: InferenceSize | None = None,
+    size_divisibility: int = 32,
+) -> list[SemanticResult | PanopticResult | InstanceResult]:
+    """The official test path for images of any size: each [3, H0, W0] RGB 0-255 image is resized to the test
+    `size` (None: kept as is), the batch is padded to `size_divisibility` with the model's pixel mean (0 after
+    normalising), the model runs once with one task per image, and every result comes back at (H0, W0).
+    Run the model in eval mode; its outputs are post-processed in fp32."""
+    if len(tasks) != len(images):
+        raise ValueError(f"tasks must have one entry per image ({len(images)}), got {len(tasks)}")
+    if size_divisibility < 1:
+        raise ValueError(f"size_divisibility must be >= 1, got {size_divisibility}")
+    pad_value = _pixel_mean_of(model).reshape(3, 1, 1)
+    inputs = [resize_to_inference_size(image.to(pad_value.device, torch.float32), size) for image in images]
+    batch = _pad_batch(inputs, pad_value.float(), size_divisibility)
+    with torch.no_grad():
+        outputs = model(batch.to(pad_value.dtype), list(tasks))
+    outputs = {key: outputs[key].float() for key in ("pred_logits", "pred_masks")}
+    return postprocess(outputs, list(tasks), [tuple(i.shape[-2:]) for i in inputs],
+                       [tuple(i.shape[-2:]) for i in images], is_thing, thresholds, padded_size=tuple(batch.shape[-2:]))
+
+
 def semantic_multiscale_flip(
     model: torch.nn.Module,
     images: torch.Tensor,
     image_sizes: Sequence[tuple[int, int]],
-    scales: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    scales: Sequence[float] = TTA_FACTORS,
     flip: bool = True,
     size_divisibility: int = 32,
     original_sizes: Sequence[tuple[int, int]] | None = None,
+    size: InferenceSize | None = None,
 ) -> list[torch.Tensor]:
     """Semantic test-time augmentation as the official Mask2Former/OneFormer SemanticSegmentorWithTTA does it:
     the semantic scores [K, H0, W0] of each image averaged over every scale, each with and without a
     horizontal flip (flipped back before averaging), all at the original size.
 
     images: float [B, 3, H, W] RGB 0-255, a padded batch; image_sizes: the valid (h, w) of each image.
-    A scale s resizes the valid image to (int(h s + 0.5), int(w s + 0.5)): the official ResizeShortestEdge
-    with min size = s x the test short side and max size scaled alike, applied to an image already at the
-    test size. Resizing is bilinear with antialiasing (as Pillow's bilinear resize of the official mapper);
-    scale 1 is left untouched. Each augmented batch is padded to `size_divisibility` with the model's pixel
-    mean (what the official code's zero padding after normalisation is) and run with the "semantic" task.
-    original_sizes: the (H0, W0) to return at; defaults to image_sizes. Run the model in eval mode.
+    size given (the official path): each image is first resized to the test size, and scale s is then the
+    official DatasetMapperTTA view of that image, ResizeShortestEdge(s x size.short_side, size.tta_max_size)
+    (ADE20K-640: short sides 320..1120, long side at most 4480). size None: scale s resizes the valid image
+    to (int(h s + 0.5), int(w s + 0.5)), factors of the image as given. Resizing is `resize_image`; an
+    unchanged size is left untouched. Each augmented batch is padded to `size_divisibility` with the model's
+    pixel mean (what the official code's zero padding after normalisation is) and run with the "semantic"
+    task. original_sizes: the (H0, W0) to return at; defaults to image_sizes. Run the model in eval mode.
     """
     _check_tta_arguments(images, image_sizes, scales, size_divisibility, original_sizes)
+    images = images.to(_pixel_mean_of(model).device)
     original_sizes = list(image_sizes if original_sizes is None else original_sizes)
     crops = [images[index, :, :height, :width] for index, (height, width) in enumerate(image_sizes)]
     pad_value = _pixel_mean_of(model).reshape(3, 1, 1).to(images)
     totals: list[torch.Tensor | None] = [None] * len(crops)
     flips = (False, True) if flip else (False,)
-    for scale in scales:
-        resized = [_rescale_image(crop, scale) for crop in crops]
+    for resized in _multiscale_views(crops, scales, size):
         for flipped in flips:
             views = [image.flip(-1) for image in resized] if flipped else resized
             all_scores = _semantic_scores(model, views, pad_value, size_divisibility, original_sizes)
@@ -324,6 +457,18 @@ def semantic_multiscale_flip(
                 totals[index] = scores if totals[index] is None else totals[index] + scores
     count = len(scales) * len(flips)
     return [total / count for total in totals]
+
+
+def _multiscale_views(crops: list[torch.Tensor], scales: Sequence[float], size: InferenceSize | None):
+    """Per scale, the list of resized crops (see semantic_multiscale_flip)."""
+    if size is None:
+        for scale in scales:
+            yield [_rescale_image(crop, scale) for crop in crops]
+        return
+    at_test_size = [resize_to_inference_size(crop, size) for crop in crops]
+    for short_side in size.tta_short_sides(scales):
+        yield [resize_image(image, resized_shape(*image.shape[-2:], short_side, size.tta_max_size))
+               for image in at_test_size]
 
 
 def _semantic_scores(model, views, pad_value, size_divisibility, original_sizes) -> list[torch.Tensor]:

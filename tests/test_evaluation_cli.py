@@ -12,9 +12,9 @@ import pytest
 from panopticapi.evaluation import pq_compute as panopticapi_pq_compute
 from PIL import Image
 from pycocotools import mask as mask_util
+from random_panoptic import write_random_panoptic_dataset
 
 from pipeline.evaluation import instance_ap_compute, read_panoptic_png
-from pipeline.evaluation.random_panoptic import write_random_panoptic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

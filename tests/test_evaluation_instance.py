@@ -3,12 +3,14 @@
 import contextlib
 import io
 import json
+import pickle
 
 import numpy as np
 import pytest
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from random_panoptic import write_random_panoptic_dataset
 
 from pipeline.evaluation import (
     EvaluationInputError,
@@ -17,7 +19,6 @@ from pipeline.evaluation import (
     read_panoptic_png,
 )
 from pipeline.evaluation.instance import STAT_NAMES, panoptic_to_coco_instances
-from pipeline.evaluation.random_panoptic import write_random_panoptic_dataset
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,29 @@ def test_instances_json_gt_gives_same_ap(data, tmp_path):
     from_instances = instance_ap_compute(tmp_path / "instances.json", data["results_json"])
     from_panoptic = instance_ap_compute(data["gt_json"], data["results_json"], data["gt_folder"])
     assert from_instances == from_panoptic
+
+
+def _add_images(evaluator, data, annotations):
+    for annotation in annotations:
+        image_id = annotation["image_id"]
+        mine = [r for r in data["results"] if r["image_id"] == image_id]
+        masks = np.stack([mask_util.decode(r["segmentation"]) for r in mine]) if mine else np.zeros((0, 48, 64), bool)
+        evaluator.update(image_id, read_panoptic_png(data["gt_folder"] / annotation["file_name"]),
+                         annotation["segments_info"], masks.astype(bool), [r["score"] for r in mine],
+                         [r["category_id"] for r in mine])
+    return evaluator
+
+
+def test_merge_is_exact_whatever_the_split_and_order(data):
+    annotations = data["gt"]["annotations"]
+    whole = _add_images(InstanceEvaluator(data["gt"]["categories"]), data, annotations).compute()
+    for parts in ([annotations[::2], annotations[1::2]], [annotations[7:], annotations[:3], annotations[3:7]]):
+        evaluators = [_add_images(InstanceEvaluator(data["gt"]["categories"]), data, part) for part in parts]
+        for order in (evaluators, evaluators[::-1]):
+            merged = InstanceEvaluator(data["gt"]["categories"])
+            for evaluator in order:
+                merged.merge(pickle.loads(pickle.dumps(evaluator)))
+            assert json.dumps(merged.compute(), sort_keys=True) == json.dumps(whole, sort_keys=True)
 
 
 def test_in_memory_evaluators_merge_to_file_result(data):

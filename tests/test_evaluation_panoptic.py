@@ -3,11 +3,14 @@
 import contextlib
 import io
 import json
+import math
+import pickle
 
 import numpy as np
 import pytest
 from panopticapi.evaluation import pq_compute as panopticapi_pq_compute
 from PIL import Image
+from random_panoptic import CATEGORIES, write_random_panoptic_dataset
 
 from pipeline.evaluation import (
     EvaluationInputError,
@@ -17,7 +20,6 @@ from pipeline.evaluation import (
     write_panoptic_predictions,
 )
 from pipeline.evaluation.panoptic_format import write_panoptic_png
-from pipeline.evaluation.random_panoptic import CATEGORIES, write_random_panoptic_dataset
 from pipeline.evaluation.visualize import save_comparison, save_per_class_bars
 
 
@@ -82,6 +84,37 @@ def test_in_memory_evaluators_merge_to_file_result(dataset):
     merged = workers[0].merge(workers[1]).merge(workers[2])
     assert merged.num_images == len(gt["annotations"])
     _assert_same_results(merged.compute(), pq_compute(*_files(dataset)), tolerance=1e-12)
+
+
+def test_merge_is_exact_whatever_the_split_and_order(dataset):
+    """Integers for TP/FP/FN and math.fsum over the images' IoU sums: every split and merge order gives the
+    same bits, equal to the correctly rounded sum of the per-image sums."""
+    gt = json.loads(dataset["gt_json"].read_text())
+    pred = {a["image_id"]: a for a in json.loads(dataset["pred_json"].read_text())["annotations"]}
+
+    def evaluated(annotations):
+        evaluator = PanopticEvaluator(gt["categories"])
+        for annotation in annotations:
+            evaluator.update(read_panoptic_png(dataset["gt_folder"] / annotation["file_name"]),
+                             annotation["segments_info"],
+                             read_panoptic_png(dataset["pred_folder"] / pred[annotation["image_id"]]["file_name"]),
+                             pred[annotation["image_id"]]["segments_info"], image_id=annotation["image_id"])
+        return evaluator
+
+    annotations = gt["annotations"]
+    whole = evaluated(annotations)
+    per_image = [evaluated([annotation]) for annotation in annotations]
+    expected_iou = [math.fsum(float(one.iou_sum[k]) for one in per_image) for k in range(len(gt["categories"]))]
+    assert whole.iou_sum.tolist() == expected_iou and whole.tp.dtype == np.int64
+    for parts in ([annotations[::3], annotations[1::3], annotations[2::3]], [annotations[9:], annotations[:9]],
+                  [[annotation] for annotation in annotations]):
+        evaluators = [evaluated(part) for part in parts]
+        for order in (evaluators, evaluators[::-1]):
+            merged = PanopticEvaluator(gt["categories"])
+            for evaluator in order:
+                merged.merge(pickle.loads(pickle.dumps(evaluator)))
+            assert merged.num_images == len(annotations)
+            assert json.dumps(merged.compute(), sort_keys=True) == json.dumps(whole.compute(), sort_keys=True)
 
 
 THING, STUFF = {"id": 1, "isthing": 1, "name": "thing"}, {"id": 2, "isthing": 0, "name": "stuff"}

@@ -6,14 +6,21 @@ import torch
 import torch.nn.functional as F
 
 from model.inference import (
+    INFERENCE_SIZES,
+    InferenceSize,
     InferenceThresholds,
     InstanceResult,
     PanopticResult,
     SemanticResult,
+    inference_size_for,
     instance_inference,
     panoptic_inference,
     postprocess,
+    predict,
+    resize_image,
     resize_mask_logits,
+    resized_shape,
+    resolve_inference_size,
     semantic_inference,
     semantic_multiscale_flip,
     thresholds_for,
@@ -340,3 +347,142 @@ def test_tta_bad_arguments_name_themselves(tta_model_and_images, kwargs, message
         semantic_multiscale_flip(model, images, **arguments)
     with pytest.raises(ValueError, match="model must carry a 3-value pixel_mean"):
         semantic_multiscale_flip(torch.nn.Identity(), images, TTA_SIZES)
+
+
+# --- the official test path: resize to the test size, pad, predict, post-process at the original size ---
+
+
+class ShapeOnlyModel(torch.nn.Module):
+    """A stand-in OneFormer for any input size: the pixel mean buffer and all-zero outputs of the right shapes
+    (4 queries, 3 classes), so the test-time sizes can be checked at the official sizes in milliseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]))
+
+    def forward(self, images, tasks):
+        batch, _, height, width = images.shape
+        return {"pred_logits": torch.zeros(batch, 4, 4), "pred_masks": torch.zeros(batch, 4, height // 4, width // 4)}
+
+
+def record_inputs(model) -> list[torch.Tensor]:
+    inputs = []
+    model.register_forward_hook(lambda module, args, output: inputs.append(args[0].clone()))
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("dataset", "image_size", "model_sees", "padded"),
+    [
+        ("ade20k", (60, 90), (640, 960), (640, 960)),
+        ("ade20k", (50, 400), (320, 2560), (320, 2560)),  # long side capped at 2560
+        ("ade20k_1280", (60, 90), (1280, 1920), (1280, 1920)),
+        ("coco", (60, 90), (800, 1200), (800, 1216)),
+        ("coco", (100, 300), (444, 1333), (448, 1344)),  # 800 x 2400 capped at 1333
+        ("cityscapes", (90, 60), (1536, 1024), (1536, 1024)),
+    ],
+)
+def test_predict_resizes_to_the_dataset_test_size_and_answers_at_the_original_size(
+    dataset, image_size, model_sees, padded
+):
+    model = ShapeOnlyModel()
+    inputs = record_inputs(model)
+    image = torch.rand(3, *image_size) * 255
+    results = predict(model, [image] * 3, ["semantic", "panoptic", "instance"], [True, False, False],
+                      thresholds_for(dataset), inference_size_for(dataset))
+    assert [tuple(batch.shape) for batch in inputs] == [(3, 3, *padded)]
+    height, width = model_sees
+    torch.testing.assert_close(inputs[0][0, :, :height, :width], resize_image(image, model_sees))
+    padding = inputs[0][0].clone()
+    padding[:, :height, :width] = model.pixel_mean[:, None, None]
+    assert torch.equal(padding, model.pixel_mean[:, None, None].expand_as(padding))  # pixel mean: 0 once normalised
+    semantic, panoptic, instance = results
+    assert semantic.labels.shape == semantic.scores.shape[1:] == image_size
+    assert panoptic.segment_ids.shape == image_size and instance.masks.shape[1:] == image_size
+
+
+def test_official_test_sizes_and_multiscale_short_sides():
+    assert {name: (size.short_side, size.max_size) for name, size in INFERENCE_SIZES.items()} == {
+        "ade20k": (640, 2560), "ade20k_1280": (1280, 5120), "coco": (800, 1333), "cityscapes": (1024, 2048)}
+    assert inference_size_for("ade20k").tta_short_sides() == (320, 480, 640, 800, 960, 1120)
+    assert inference_size_for("ade20k_1280").tta_short_sides() == (640, 960, 1280, 1600, 1920, 2240)
+    assert inference_size_for("cityscapes").tta_short_sides() == (512, 768, 1024, 1280, 1536, 1792)
+    assert [INFERENCE_SIZES[name].tta_max_size for name in ("ade20k", "ade20k_1280", "cityscapes")] == [4480, 8960, 4096]
+    assert InferenceSize(96, 384).tta_max_size == 672  # the ADE20K rule: max size x 1.75
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        inference_size_for("pascal")
+    with pytest.raises(ValueError, match=r"0 < short side <= max size, got \(500, 400\)"):
+        InferenceSize(500, 400)
+
+
+@pytest.mark.parametrize(
+    ("test_size", "expected"),
+    [(None, InferenceSize(800, 1333, 2333)), ("none", None), ((96, 384), InferenceSize(96, 384))],
+)
+def test_resolve_inference_size_defaults_to_the_config_dataset(test_size, expected):
+    from model import make_config
+
+    assert resolve_inference_size(make_config("tiny", dataset="coco"), test_size) == expected
+
+
+def test_resolve_inference_size_rejects_other_values():
+    from model import make_config
+
+    with pytest.raises(ValueError, match="test size must be"):
+        resolve_inference_size(make_config("tiny"), "official")
+
+
+def test_resized_shape_follows_resize_shortest_edge():
+    assert resized_shape(480, 640, 640, 2560) == (640, 853)  # 853.33 rounds down
+    assert resized_shape(640, 480, 640, 2560) == (853, 640)
+    assert resized_shape(375, 500, 800, 1333) == (800, 1067)  # 1066.67 rounds up
+    assert resized_shape(100, 1000, 640, 2560) == (256, 2560)
+
+
+def test_predict_at_test_size_equals_resizing_by_hand_then_the_plain_path(tta_model_and_images):
+    model, images = tta_model_and_images
+    crops, size = valid_crops(images), InferenceSize(40, 60)
+    resized = [resize_image(crop, resized_shape(*crop.shape[1:], 40, 60)) for crop in crops]
+    assert [tuple(r.shape[1:]) for r in resized] == [(40, 50), (40, 49)]
+    expected = semantic_scores_by_hand(model, resized, TTA_SIZES)
+    got = predict(model, crops, ["semantic"] * 2, [True, False, False], thresholds_for("ade20k"), size)
+    plain = predict(model, crops, ["semantic"] * 2, [True, False, False], thresholds_for("ade20k"), None)
+    for result, reference, at_image_size, original in zip(got, expected, plain, semantic_scores_by_hand(
+            model, crops, TTA_SIZES)):
+        assert result.scores.shape == (3, *reference.shape[1:]) and torch.equal(result.scores, reference)
+        assert torch.equal(at_image_size.scores, original)
+        assert not torch.allclose(result.scores, at_image_size.scores, atol=1e-3)  # the test size changes the answer
+
+
+def test_multiscale_views_are_the_official_tta_mapper_sizes_of_the_test_size_image():
+    """ADE20K-640 on a 50 x 400 image: the test image is 320 x 2560 (capped); the views are ResizeShortestEdge(s,
+    4480) of it for s = 320 .. 1120, not factors of it (factor 0.75 would give 240 x 1920)."""
+    model = ShapeOnlyModel()
+    inputs = record_inputs(model)
+    image = torch.rand(1, 3, 50, 400) * 255
+    scores = semantic_multiscale_flip(model, image, [(50, 400)], flip=True, size=inference_size_for("ade20k"))
+    views = [(320, 2560), (480, 3840), (560, 4480), (560, 4480), (560, 4480), (560, 4480)]
+    padded = [(-(-h // 32) * 32, -(-w // 32) * 32) for h, w in views]
+    assert [tuple(batch.shape[-2:]) for batch in inputs] == [size for size in padded for _ in range(2)]
+    assert scores[0].shape == (3, 50, 400)
+
+
+def test_resize_image_is_within_one_grey_level_of_pillow():
+    """The official mapper resizes uint8 images with Pillow's bilinear filter; resize_image stays within 1 grey
+    level of it whether shrinking or enlarging, where bilinear without antialiasing does not."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(0)
+    rows, columns = np.mgrid[0:120, 0:160]
+    picture = np.stack([(columns * 1.5) % 256, (rows * 2.0) % 256, ((rows + columns) * 0.8) % 256], -1)
+    picture[30:70, 40:100] = (200, 30, 60)
+    picture = np.clip(picture + generator.normal(0, 20, picture.shape), 0, 255).astype(np.uint8)
+    image = torch.from_numpy(picture).permute(2, 0, 1).float()
+    for size in ((33, 44), (60, 80), (96, 128), (240, 320), (640, 853)):
+        pillow = torch.from_numpy(np.array(Image.fromarray(picture).resize(size[::-1], Image.BILINEAR)))
+        difference = (resize_image(image, size) - pillow.permute(2, 0, 1).float()).abs()
+        assert difference.max() <= 1.0 + 1e-4 and difference.mean() < 0.4, size
+    pillow = torch.from_numpy(np.array(Image.fromarray(picture).resize((44, 33), Image.BILINEAR)))
+    aliased = F.interpolate(image[None], size=(33, 44), mode="bilinear", align_corners=False)[0]
+    assert (aliased - pillow.permute(2, 0, 1).float()).abs().max() > 20

@@ -220,11 +220,23 @@ class InstanceEvaluator:
         return self
 
     def compute(self) -> dict:
-        annotations = [
-            {**annotation, "id": number} for number, annotation in enumerate(self.gt_annotations, start=1)
-        ]
-        dataset = {"images": self.images, "annotations": annotations, "categories": self.categories}
-        return evaluate_segm(dataset, self.results)
+        """COCOeval on everything added. Images, annotations and results are put in image-id order first
+        (stable, so each image keeps its own order): annotation ids and COCOeval's tie-breaking between equal
+        scores then do not depend on how the images were split between evaluators or merged."""
+        gt_annotations = sorted(self.gt_annotations, key=_by_image)
+        annotations = [{**annotation, "id": number} for number, annotation in enumerate(gt_annotations, start=1)]
+        images = sorted(self.images, key=lambda image: _image_order(image["id"]))
+        dataset = {"images": images, "annotations": annotations, "categories": self.categories}
+        return evaluate_segm(dataset, sorted(self.results, key=_by_image))
+
+
+def _image_order(image_id) -> tuple[str, int | str]:
+    """Sort key of an image id that may be an int or a str."""
+    return type(image_id).__name__, image_id
+
+
+def _by_image(record: Mapping) -> tuple[str, int | str]:
+    return _image_order(record["image_id"])
 
 
 def _numpy(value) -> np.ndarray:

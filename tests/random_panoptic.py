@@ -1,5 +1,5 @@
 """Random COCO-panoptic ground truth and imperfect predictions, for checking the evaluators against the
-reference implementations (panopticapi, pycocotools) in tests and benchmarks.
+reference implementations (panopticapi, pycocotools) in tests and benchmarks/bench_pq.py.
 
 Ground truth: stuff bands, thing rectangles and ellipses painted over them (occluding each other), crowd
 thing regions and void blocks. Predictions: every ground-truth segment shifted by a few pixels, sometimes
