@@ -24,16 +24,21 @@ postgres:
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends postgresql; }
 
-.PHONY: help setup test demo lint postgres
+.PHONY: help setup test test-fast demo lint postgres
 help:
 	@echo "make demo  - run the main job (jobs/demo_cpu.yaml) on the embedded synthetic dataset"
 	@echo "make test  - run the test suite"
+	@echo "make test-fast - the tests without Ray, worker processes or servers (the edit-test loop)"
 	@echo "make lint  - ruff"
 
 setup: $(STAMP)
 
 test: $(STAMP) postgres
 	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: no Ray, no worker processes, no servers (the `slow` marker); CI runs `make test`.
+test-fast: $(STAMP)
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PYTHON) -m pipeline.job jobs/demo_cpu.yaml

@@ -26,14 +26,13 @@ import torch
 from torch import nn
 
 from model.layers import MLP, ExactInputLinear, sine_position_encoding
+from model.texts import TASKS, task_prompt
 from model.tokenizer import CONTEXT_LENGTH, tokenize
-
-TASKS = ("semantic", "instance", "panoptic")
 
 
 @lru_cache(maxsize=len(TASKS))
 def _task_token_ids(task: str) -> torch.Tensor:
-    return tokenize(f"the task is {task}")[0]
+    return tokenize(task_prompt(task))[0]
 
 
 def task_token_ids(tasks: list[str]) -> torch.Tensor:

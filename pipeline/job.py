@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -100,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override a key of the file (value read as YAML), validated like the file")
     parser.add_argument("--check", action="store_true", help="validate the file, print the resolved config, exit")
+    parser.add_argument("--new-run", action="store_true",
+                        help="train from scratch under a new name (NAME-YYYYmmdd-HHMMSS) instead of continuing the "
+                             "job's checkpoints; without it a finished run says so and exits 0")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
@@ -107,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except JobConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.new_run:
+        job.name = f"{job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"new run: {job.name}")
     if args.check:
         if args.overrides:
             print(f"# overrides: {' '.join(args.overrides)}")

@@ -120,15 +120,16 @@ class RunTracker:
             log.warning("MLflow reachable again; buffered calls sent")
             self._unreachable_since = None
 
-    def finish(self) -> None:
-        """Last attempt to send what is buffered, then close the run (what still fails is named in a warning)."""
+    def finish(self, status: str = "FINISHED") -> None:
+        """Last attempt to send what is buffered, then close the run with `status` (FINISHED, or FAILED for a
+        run that raised); what still fails is named in a warning."""
         self._flush(force=True)
         if self.num_pending:
             log.warning("MLflow still unreachable: %d metric batches and artifacts %s not logged", len(self._pending),
                         [path for path, _ in self._pending_artifacts])
             return
         try:
-            self._mlflow.end_run()
+            self._mlflow.end_run(status=status)
         except Exception as err:  # noqa: BLE001
             log.warning("could not close the MLflow run: %s", err)
 

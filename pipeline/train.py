@@ -129,6 +129,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ the loop
     def fit(self) -> None:
+        """Train to max_steps; a run that raises is closed as FAILED in MLflow (a restart reopens it)."""
+        try:
+            self._fit()
+        except BaseException:
+            if self.tracker is not None:
+                self.tracker.finish(status="FAILED")
+            raise
+
+    def _fit(self) -> None:
         if self.finished:  # a re-run of a finished job: nothing to train, the run and its model stay as they are
             log.info("rank %d: the run already reached step %d of %d", self.rank, self.step, self.job.training.max_steps)
             self.context.report({"step": self.step, "run_complete": 1, "mlflow_run_id": self.run_id}, None)

@@ -12,6 +12,8 @@ from pipeline.data.preprocess import PreprocessError, run_preprocess
 from pipeline.data.settings import DatasetSettings, PreprocessSettings
 from pipeline.synthetic import generate_dataset
 
+pytestmark = pytest.mark.slow  # Ray tasks and killed preprocessing processes
+
 
 @pytest.fixture(scope="module")
 def ray_local():

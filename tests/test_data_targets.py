@@ -13,13 +13,14 @@ import torch
 from panopticapi.utils import rgb2id
 from PIL import Image
 
+from model.texts import TASKS, TextTokenTable, text_list
 from model.tokenizer import tokenize
 from pipeline.data.fixtures import relayout
 from pipeline.data.preprocess import PreprocessError, run_preprocess
 from pipeline.data.readers import read_split
 from pipeline.data.settings import DatasetSettings, PreprocessSettings
 from pipeline.data.shards import SchemaVersionError, decode_sample, read_manifest
-from pipeline.data.targets import TASKS, TextTokenTable, task_targets, text_list
+from pipeline.data.targets import task_targets
 from pipeline.synthetic import generate_dataset
 
 FORMATS = ("custom_coco_panoptic", "coco_panoptic", "ade20k_panoptic", "cityscapes_panoptic")

@@ -32,6 +32,8 @@ from referencing import Registry, Resource
 
 from pipeline.config import WORKDIR_ENV, parse_job
 
+pytestmark = pytest.mark.slow  # infrastructure files and a real PostgreSQL-backed MLflow server
+
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
 SCHEMAS = INFRA / "schemas"

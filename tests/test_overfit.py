@@ -54,7 +54,7 @@ DATASET = [
 
 
 def texts_for(target: dict, num_texts: int) -> torch.Tensor:
-    """SPEC's text list for the panoptic task: padding text, overwritten by one entry per GT mask."""
+    """The text list of the panoptic task (model/texts.py): padding text, overwritten by one entry per GT mask."""
     texts = ["a panoptic photo"] * num_texts
     for slot, label in enumerate(target["labels"].tolist()[:num_texts]):
         texts[slot] = f"a photo with a {CLASS_NAMES[label]}"

@@ -29,6 +29,8 @@ from pipeline.config import load_job
 from pipeline.job import main
 from pipeline.tracking import RunTracker
 
+pytestmark = pytest.mark.slow  # a real Ray head, job submission and an MLflow server: minutes
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "jobs" / "demo_cpu.yaml"
 MAX_STEPS = 8

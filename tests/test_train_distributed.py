@@ -18,6 +18,8 @@ from pipeline.data.stream import ModelInputs, build_train_loader
 from pipeline.job import ensure_synthetic_dataset, run_preprocess_stage
 from pipeline.train import TrainContext, Trainer
 
+pytestmark = pytest.mark.slow  # multi-process Ray Train worker groups under DeepSpeed
+
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
 GLOBAL_BATCH = 4
 NUM_STEPS = 3

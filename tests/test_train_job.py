@@ -13,8 +13,11 @@ import pytest
 import torch
 import yaml
 
+from model.backbones import build_backbone
 from model.checkpoint import load_model
 from pipeline.job import main
+
+pytestmark = pytest.mark.slow  # the whole job: Ray preprocessing and a 2-worker Ray Train run
 
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
 
@@ -27,6 +30,9 @@ def finished_job(tmp_path_factory):
     document["stream"].update(crop_size=64, resize_base=64)
     document["training"].update(max_steps=4, checkpoint_every=2, log_every=1, eval_every=2)
     document["evaluation"]["max_images"] = 2
+    torch.manual_seed(5)
+    torch.save(build_backbone("tiny").state_dict(), workdir / "tiny_backbone.pth")
+    document["model"]["backbone_weights"] = str(workdir / "tiny_backbone.pth")
     job_file = workdir / "job.yaml"
     job_file.write_text(yaml.safe_dump(document))
     pytest.MonkeyPatch().setenv("ONEFORMER_WORKDIR", str(workdir))
@@ -53,6 +59,9 @@ def test_mlflow_run_has_config_metrics_validation_and_model(finished_job):
     experiment = client.get_experiment_by_name("demo_cpu")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.params["model.preset"] == "tiny"
+    backbone_tensors = len(build_backbone("tiny").state_dict())
+    assert run.data.params["init.backbone_tensors_loaded"] == f"{backbone_tensors}/{backbone_tensors}"
+    assert run.data.params["init.backbone_weights"] == str(finished_job / "tiny_backbone.pth")
     assert run.data.tags["cluster_shape"].startswith("2 workers")
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in losses] == [1, 2, 3, 4] and all(m.value > 0 for m in losses)
@@ -93,3 +102,19 @@ def test_driver_prints_the_results_the_model_and_where_the_pictures_are(finished
     assert Path(model.group(1)).is_file() and Path(model.group(2)).is_file()
     pictures = Path(re.search(r"^pictures: file://(\S+) \(run \w+\)$", printed, re.M).group(1))
     assert sorted(folder.name for folder in pictures.iterdir()) == ["step_0000002", "step_0000004"]
+
+
+def test_running_a_finished_job_again_says_so_and_changes_nothing(finished_job):
+    client = mlflow.MlflowClient(f"sqlite:///{finished_job}/mlruns/mlflow.db")
+    experiment = client.get_experiment_by_name("demo_cpu")
+    (before,) = client.search_runs([experiment.experiment_id])
+    model_file = finished_job / "runs" / "demo_cpu" / "model" / "model.pt"
+    exported_at = model_file.stat().st_mtime_ns
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([str(finished_job / "job.yaml")]) == 0
+    assert "the run already reached step 4" in printed.getvalue()
+    (after,) = client.search_runs([experiment.experiment_id])
+    assert after.info.run_id == before.info.run_id and after.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(after.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert model_file.stat().st_mtime_ns == exported_at

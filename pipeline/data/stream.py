@@ -26,6 +26,7 @@ import torch
 import webdataset as wds
 
 from model.presets import OneFormerConfig
+from model.texts import TASKS, TextTokenTable
 from pipeline.data.augment import PIXEL_MEAN, AugmentParams, augment
 from pipeline.data.settings import CROP_CANVAS_PRESETS, StreamSettings
 from pipeline.data.shards import (
@@ -35,7 +36,7 @@ from pipeline.data.shards import (
     manifest_classes,
     read_manifest,
 )
-from pipeline.data.targets import TASKS, TextTokenTable, plan_targets, render_masks
+from pipeline.data.targets import plan_targets, render_masks
 
 log = logging.getLogger(__name__)
 

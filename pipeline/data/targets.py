@@ -13,10 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.texts import TASKS
 from pipeline.data.readers import ClassInfo
-
-TASKS = ("semantic", "instance", "panoptic")
-TASK_PADDING_TEXT = {"semantic": "a semantic photo", "instance": "an instance photo", "panoptic": "a panoptic photo"}
 
 
 class BadSampleError(ValueError):
@@ -153,38 +151,3 @@ def task_targets(index_map: np.ndarray | torch.Tensor, table: SegmentTable, task
         index_map = index_map.astype(np.uint8 if len(table) < 256 else np.uint16)
     plan = plan_targets(index_map, table, task)
     return plan.labels, render_masks(index_map, plan, padded_shape)
-
-
-def text_list(labels: torch.Tensor | np.ndarray, task: str, class_names: tuple[str, ...], num_slots: int):
-    """SPEC's text list: num_slots entries of the task's padding text; then, walking classes in dataset
-    order, each GT mask overwrites the next slot with "a photo with a {class}" until the slots run out."""
-    texts = [TASK_PADDING_TEXT[task]] * num_slots
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(class_names))
-    slot = 0
-    for class_id in np.nonzero(counts)[0]:
-        for _ in range(int(counts[class_id])):
-            if slot >= num_slots:
-                return texts
-            texts[slot] = f"a photo with a {class_names[class_id]}"
-            slot += 1
-    return texts
-
-
-class TextTokenTable:
-    """Token rows of every distinct text a list can hold (K class texts + 3 padding texts), tokenized once,
-    so building an image's [num_slots, 77] token block is a gather rather than BPE on every string."""
-
-    def __init__(self, class_names: tuple[str, ...], num_slots: int):
-        from model.tokenizer import tokenize
-
-        self.class_names = tuple(class_names)
-        self.num_slots = num_slots
-        self.class_tokens = tokenize([f"a photo with a {name}" for name in self.class_names])
-        self.padding_tokens = {task: tokenize([TASK_PADDING_TEXT[task]])[0] for task in TASKS}
-
-    def tokens(self, labels: torch.Tensor, task: str) -> torch.Tensor:
-        """int64 [num_slots, 77]: equal to tokenize(text_list(labels, task, ...))."""
-        block = self.padding_tokens[task].expand(self.num_slots, -1).clone()
-        ordered = torch.sort(torch.as_tensor(labels, dtype=torch.int64)).values[: self.num_slots]
-        block[: len(ordered)] = self.class_tokens[ordered]
-        return block
