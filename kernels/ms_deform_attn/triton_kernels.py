@@ -3,8 +3,9 @@
 Layout of the work: a program owns BLOCK_ROWS consecutive (query, head) rows of one image and the whole head
 dim of each row. Rows are flattened as `query * H + head`, the order of `sampling_locations`,
 `attention_weights` and the output, so those are read and written as contiguous blocks; only the value
-gathers are scattered, and each of those reads D contiguous channels of one pixel. Levels and points are
-unrolled at compile time (they are 3-4 and 4 in every real config).
+gathers are scattered, and each of those reads D contiguous channels of one pixel. Levels and points are one
+runtime loop over the L*P samples: unrolled, the compiler hoisted the gathers of all samples and ran out of
+registers (255 and spills; kernels/benchmarks/NOTES.md has the compiler's numbers).
 
 Forward: per (level, point) the four bilinear corners are gathered, weighted and summed in fp32 registers.
 Backward: the same gathers; grad_attn and grad_loc are reductions over D done in registers and written once
@@ -19,6 +20,8 @@ import re
 import torch
 import triton
 import triton.language as tl
+
+from kernels.launch import KernelLaunch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -68,6 +71,7 @@ def _ms_deform_attn_fwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    SAMPLE_UNROLL: tl.constexpr,
 ):
     ROW_STRIDE: tl.constexpr = NUM_HEADS * HEAD_DIM
     SAMPLES: tl.constexpr = NUM_LEVELS * NUM_POINTS
@@ -81,39 +85,38 @@ def _ms_deform_attn_fwd_kernel(
     value_batch = value_ptr + batch * num_values * ROW_STRIDE
 
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=ACC_DTYPE)
-    for level in tl.static_range(NUM_LEVELS):
+    for sample in tl.range(0, SAMPLES, loop_unroll_factor=SAMPLE_UNROLL):
+        level = sample // NUM_POINTS
         height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         level_value = value_batch + tl.load(starts_ptr + level) * ROW_STRIDE
-        for point in tl.static_range(NUM_POINTS):
-            sample = level * NUM_POINTS + point
-            loc_x = tl.load(loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample, mask=row_mask, other=0.0)
-            loc_y = tl.load(loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample + 1, mask=row_mask, other=0.0)
-            weight = tl.load(attn_ptr + batch_rows * SAMPLES + sample, mask=row_mask, other=0.0).to(ACC_DTYPE)
-            x0, y0, frac_x, frac_y = _bilinear_setup(
-                loc_x.to(ACC_DTYPE), loc_y.to(ACC_DTYPE), height.to(ACC_DTYPE), width.to(ACC_DTYPE)
-            )
-            # Fold the attention weight into the four bilinear weights: one multiply per corner per channel.
-            w_x1 = frac_x
-            w_x0 = 1.0 - frac_x
-            w_y1 = frac_y * weight
-            w_y0 = (1.0 - frac_y) * weight
-            off, inside = _corner_offsets_and_mask(x0, y0, height, width, row_mask, ROW_STRIDE)
-            acc += (w_y0 * w_x0)[:, None] * _gather_corner(
-                level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
-            )
-            off, inside = _corner_offsets_and_mask(x0 + 1, y0, height, width, row_mask, ROW_STRIDE)
-            acc += (w_y0 * w_x1)[:, None] * _gather_corner(
-                level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
-            )
-            off, inside = _corner_offsets_and_mask(x0, y0 + 1, height, width, row_mask, ROW_STRIDE)
-            acc += (w_y1 * w_x0)[:, None] * _gather_corner(
-                level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
-            )
-            off, inside = _corner_offsets_and_mask(x0 + 1, y0 + 1, height, width, row_mask, ROW_STRIDE)
-            acc += (w_y1 * w_x1)[:, None] * _gather_corner(
-                level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
-            )
+        loc_x = tl.load(loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample, mask=row_mask, other=0.0)
+        loc_y = tl.load(loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample + 1, mask=row_mask, other=0.0)
+        weight = tl.load(attn_ptr + batch_rows * SAMPLES + sample, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        x0, y0, frac_x, frac_y = _bilinear_setup(
+            loc_x.to(ACC_DTYPE), loc_y.to(ACC_DTYPE), height.to(ACC_DTYPE), width.to(ACC_DTYPE)
+        )
+        # Fold the attention weight into the four bilinear weights: one multiply per corner per channel.
+        w_x1 = frac_x
+        w_x0 = 1.0 - frac_x
+        w_y1 = frac_y * weight
+        w_y0 = (1.0 - frac_y) * weight
+        off, inside = _corner_offsets_and_mask(x0, y0, height, width, row_mask, ROW_STRIDE)
+        acc += (w_y0 * w_x0)[:, None] * _gather_corner(
+            level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
+        )
+        off, inside = _corner_offsets_and_mask(x0 + 1, y0, height, width, row_mask, ROW_STRIDE)
+        acc += (w_y0 * w_x1)[:, None] * _gather_corner(
+            level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
+        )
+        off, inside = _corner_offsets_and_mask(x0, y0 + 1, height, width, row_mask, ROW_STRIDE)
+        acc += (w_y1 * w_x0)[:, None] * _gather_corner(
+            level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
+        )
+        off, inside = _corner_offsets_and_mask(x0 + 1, y0 + 1, height, width, row_mask, ROW_STRIDE)
+        acc += (w_y1 * w_x1)[:, None] * _gather_corner(
+            level_value, off, inside, head_channel, channel_mask, ACC_DTYPE
+        )
 
     # Output [B, Lq, H*D] is [B, Lq*H, D]: the block's rows are one contiguous stretch.
     out_ptrs = out_ptr + batch_rows[:, None] * HEAD_DIM + channels[None, :]
@@ -146,6 +149,7 @@ def _ms_deform_attn_bwd_kernel(
     BLOCK_ROWS: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
+    SAMPLE_UNROLL: tl.constexpr,
 ):
     ROW_STRIDE: tl.constexpr = NUM_HEADS * HEAD_DIM
     SAMPLES: tl.constexpr = NUM_LEVELS * NUM_POINTS
@@ -164,7 +168,8 @@ def _ms_deform_attn_bwd_kernel(
         mask=row_mask[:, None] & channel_mask,
         other=0.0,
     ).to(ACC_DTYPE)
-    for level in tl.static_range(NUM_LEVELS):
+    for sample in tl.range(0, SAMPLES, loop_unroll_factor=SAMPLE_UNROLL):
+        level = sample // NUM_POINTS
         height = tl.load(shapes_ptr + 2 * level).to(tl.int32)
         width = tl.load(shapes_ptr + 2 * level + 1).to(tl.int32)
         height_f = height.to(ACC_DTYPE)
@@ -172,77 +177,84 @@ def _ms_deform_attn_bwd_kernel(
         level_offset = tl.load(starts_ptr + level) * ROW_STRIDE
         level_value = value_batch + level_offset
         level_grad_value = grad_value_batch + level_offset
-        for point in tl.static_range(NUM_POINTS):
-            sample = level * NUM_POINTS + point
-            loc_x_ptr = loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample
-            loc_x = tl.load(loc_x_ptr, mask=row_mask, other=0.0).to(ACC_DTYPE)
-            loc_y = tl.load(loc_x_ptr + 1, mask=row_mask, other=0.0).to(ACC_DTYPE)
-            weight = tl.load(attn_ptr + batch_rows * SAMPLES + sample, mask=row_mask, other=0.0).to(ACC_DTYPE)
-            x0, y0, frac_x, frac_y = _bilinear_setup(loc_x, loc_y, height_f, width_f)
-            w_x1 = frac_x
-            w_x0 = 1.0 - frac_x
-            w_y1 = frac_y
-            w_y0 = 1.0 - frac_y
+        loc_x_ptr = loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample
+        loc_x = tl.load(loc_x_ptr, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        loc_y = tl.load(loc_x_ptr + 1, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        weight = tl.load(attn_ptr + batch_rows * SAMPLES + sample, mask=row_mask, other=0.0).to(ACC_DTYPE)
+        x0, y0, frac_x, frac_y = _bilinear_setup(loc_x, loc_y, height_f, width_f)
+        w_x1 = frac_x
+        w_x0 = 1.0 - frac_x
+        w_y1 = frac_y
+        w_y0 = 1.0 - frac_y
 
-            off00, in00 = _corner_offsets_and_mask(x0, y0, height, width, row_mask, ROW_STRIDE)
-            off01, in01 = _corner_offsets_and_mask(x0 + 1, y0, height, width, row_mask, ROW_STRIDE)
-            off10, in10 = _corner_offsets_and_mask(x0, y0 + 1, height, width, row_mask, ROW_STRIDE)
-            off11, in11 = _corner_offsets_and_mask(x0 + 1, y0 + 1, height, width, row_mask, ROW_STRIDE)
-            v00 = _gather_corner(level_value, off00, in00, head_channel, channel_mask, ACC_DTYPE)
-            v01 = _gather_corner(level_value, off01, in01, head_channel, channel_mask, ACC_DTYPE)
-            v10 = _gather_corner(level_value, off10, in10, head_channel, channel_mask, ACC_DTYPE)
-            v11 = _gather_corner(level_value, off11, in11, head_channel, channel_mask, ACC_DTYPE)
+        off00, in00 = _corner_offsets_and_mask(x0, y0, height, width, row_mask, ROW_STRIDE)
+        off01, in01 = _corner_offsets_and_mask(x0 + 1, y0, height, width, row_mask, ROW_STRIDE)
+        off10, in10 = _corner_offsets_and_mask(x0, y0 + 1, height, width, row_mask, ROW_STRIDE)
+        off11, in11 = _corner_offsets_and_mask(x0 + 1, y0 + 1, height, width, row_mask, ROW_STRIDE)
+        v00 = _gather_corner(level_value, off00, in00, head_channel, channel_mask, ACC_DTYPE)
+        v01 = _gather_corner(level_value, off01, in01, head_channel, channel_mask, ACC_DTYPE)
+        v10 = _gather_corner(level_value, off10, in10, head_channel, channel_mask, ACC_DTYPE)
+        v11 = _gather_corner(level_value, off11, in11, head_channel, channel_mask, ACC_DTYPE)
 
-            # d(sample)/dx and d(sample)/dy in pixel units, out-of-map corners counting as zeros.
-            top = w_x0[:, None] * v00 + w_x1[:, None] * v01
-            bottom = w_x0[:, None] * v10 + w_x1[:, None] * v11
-            sampled = w_y0[:, None] * top + w_y1[:, None] * bottom
-            d_dx = w_y0[:, None] * (v01 - v00) + w_y1[:, None] * (v11 - v10)
-            d_dy = bottom - top
+        # d(sample)/dx and d(sample)/dy in pixel units, out-of-map corners counting as zeros.
+        top = w_x0[:, None] * v00 + w_x1[:, None] * v01
+        bottom = w_x0[:, None] * v10 + w_x1[:, None] * v11
+        sampled = w_y0[:, None] * top + w_y1[:, None] * bottom
+        d_dx = w_y0[:, None] * (v01 - v00) + w_y1[:, None] * (v11 - v10)
+        d_dy = bottom - top
 
-            grad_weight = tl.sum(grad_out * sampled, axis=1)
-            grad_x = weight * width_f * tl.sum(grad_out * d_dx, axis=1)
-            grad_y = weight * height_f * tl.sum(grad_out * d_dy, axis=1)
-            tl.store(
-                grad_attn_ptr + batch_rows * SAMPLES + sample,
-                grad_weight.to(grad_attn_ptr.dtype.element_ty),
-                mask=row_mask,
-            )
-            grad_loc_x_ptr = grad_loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample
-            tl.store(grad_loc_x_ptr, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=row_mask)
-            tl.store(grad_loc_x_ptr + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=row_mask)
+        grad_weight = tl.sum(grad_out * sampled, axis=1)
+        grad_x = weight * width_f * tl.sum(grad_out * d_dx, axis=1)
+        grad_y = weight * height_f * tl.sum(grad_out * d_dy, axis=1)
+        tl.store(
+            grad_attn_ptr + batch_rows * SAMPLES + sample,
+            grad_weight.to(grad_attn_ptr.dtype.element_ty),
+            mask=row_mask,
+        )
+        grad_loc_x_ptr = grad_loc_ptr + batch_rows * (2 * SAMPLES) + 2 * sample
+        tl.store(grad_loc_x_ptr, grad_x.to(grad_loc_ptr.dtype.element_ty), mask=row_mask)
+        tl.store(grad_loc_x_ptr + 1, grad_y.to(grad_loc_ptr.dtype.element_ty), mask=row_mask)
 
-            weighted_grad = grad_out * weight[:, None]
-            gv = grad_value_ptr.dtype.element_ty
-            _scatter_corner(
-                level_grad_value, off00, in00, head_channel, channel_mask,
-                (weighted_grad * (w_y0 * w_x0)[:, None]).to(gv),
-            )  # fmt: skip
-            _scatter_corner(
-                level_grad_value, off01, in01, head_channel, channel_mask,
-                (weighted_grad * (w_y0 * w_x1)[:, None]).to(gv),
-            )  # fmt: skip
-            _scatter_corner(
-                level_grad_value, off10, in10, head_channel, channel_mask,
-                (weighted_grad * (w_y1 * w_x0)[:, None]).to(gv),
-            )  # fmt: skip
-            _scatter_corner(
-                level_grad_value, off11, in11, head_channel, channel_mask,
-                (weighted_grad * (w_y1 * w_x1)[:, None]).to(gv),
-            )  # fmt: skip
+        weighted_grad = grad_out * weight[:, None]
+        gv = grad_value_ptr.dtype.element_ty
+        _scatter_corner(
+            level_grad_value, off00, in00, head_channel, channel_mask,
+            (weighted_grad * (w_y0 * w_x0)[:, None]).to(gv),
+        )  # fmt: skip
+        _scatter_corner(
+            level_grad_value, off01, in01, head_channel, channel_mask,
+            (weighted_grad * (w_y0 * w_x1)[:, None]).to(gv),
+        )  # fmt: skip
+        _scatter_corner(
+            level_grad_value, off10, in10, head_channel, channel_mask,
+            (weighted_grad * (w_y1 * w_x0)[:, None]).to(gv),
+        )  # fmt: skip
+        _scatter_corner(
+            level_grad_value, off11, in11, head_channel, channel_mask,
+            (weighted_grad * (w_y1 * w_x1)[:, None]).to(gv),
+        )  # fmt: skip
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> tl.dtype:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _launch_config(num_rows: int, head_dim: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_ROWS, BLOCK_D, num_warps). A tile of ~4k (forward) or ~2k (backward, five live tiles)
-    elements keeps the gathers in flight without spilling; see NOTES.md for the reasoning."""
+# Elements of one [BLOCK_ROWS, BLOCK_D] tile per program. The backward holds five such tiles (grad_out and
+# four corners) plus the scatter operands, and on sm_80 its atomics are scalar (one per element, vector on
+# sm_90), so its tile is 8x smaller. Chosen from the compiler's register report (NOTES.md): with these and a
+# runtime sample loop no kernel spills on sm_80 or sm_90a and every one stays at or under 128 registers.
+FORWARD_TILE_ELEMENTS = 4096
+BACKWARD_TILE_ELEMENTS = 512
+NUM_WARPS = 4
+SAMPLE_UNROLL = 1  # samples per loop iteration: 2 gives more loads in flight but 159 registers (sm_90a bf16)
+
+
+def launch_config(num_rows: int, head_dim: int, backward: bool) -> dict[str, int]:
+    """BLOCK_ROWS, BLOCK_D, SAMPLE_UNROLL and num_warps of a launch; see NOTES.md for the reasoning."""
     block_d = triton.next_power_of_2(head_dim)
-    tile_elements = 2048 if backward else 4096
+    tile_elements = BACKWARD_TILE_ELEMENTS if backward else FORWARD_TILE_ELEMENTS
     block_rows = max(1, min(tile_elements // block_d, triton.next_power_of_2(num_rows)))
-    return block_rows, block_d, 4
+    return dict(BLOCK_ROWS=block_rows, BLOCK_D=block_d, SAMPLE_UNROLL=SAMPLE_UNROLL, num_warps=NUM_WARPS)
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
@@ -326,32 +338,50 @@ def _check_level_layout(
         )
 
 
-def _launch_grid(num_rows: int, block_rows: int, batch: int) -> tuple[int, int]:
-    return triton.cdiv(num_rows, block_rows), batch
-
-
 def ms_deform_attn_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     batch, _, heads, head_dim = value.shape
     num_queries = sampling_locations.shape[1]
     output = torch.empty((batch, num_queries, heads * head_dim), dtype=value.dtype, device=value.device)
     if output.numel() == 0:
         return output
-    _launch_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output)
+    forward_launch(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output)()
     return output
 
 
-def _launch_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output):
+def _kernel_launch(kernel, value, sampling_locations, tensors, backward: bool) -> KernelLaunch:
     batch, num_values, heads, head_dim = value.shape
     _, num_queries, _, levels, points, _ = sampling_locations.shape
     num_rows = num_queries * heads
-    block_rows, block_d, num_warps = _launch_config(num_rows, head_dim, backward=False)
-    return _ms_deform_attn_fwd_kernel[_launch_grid(num_rows, block_rows, batch)](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output,
-        num_rows, num_values,
-        NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=levels, NUM_POINTS=points,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, ACC_DTYPE=_accumulator_dtype(value.dtype),
-        num_warps=num_warps,
+    config = launch_config(num_rows, head_dim, backward)
+    return KernelLaunch(
+        kernel,
+        grid=(triton.cdiv(num_rows, config["BLOCK_ROWS"]), batch),
+        args=(*tensors, num_rows, num_values),
+        kwargs=dict(
+            NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=levels, NUM_POINTS=points,
+            ACC_DTYPE=_accumulator_dtype(value.dtype), **config,
+        ),
     )  # fmt: skip
+
+
+def forward_launch(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output
+) -> KernelLaunch:
+    """The forward kernel's launch for these tensors (real ones, or meta tensors for the compile check)."""
+    tensors = (value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output)
+    return _kernel_launch(_ms_deform_attn_fwd_kernel, value, sampling_locations, tensors, backward=False)
+
+
+def backward_launch(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
+    grad_value, grad_loc, grad_attn,
+) -> KernelLaunch:  # fmt: skip
+    """The backward kernel's launch; grad_value is the fp32 (fp64) accumulation buffer."""
+    tensors = (
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
+        grad_value, grad_loc, grad_attn,
+    )  # fmt: skip
+    return _kernel_launch(_ms_deform_attn_bwd_kernel, value, sampling_locations, tensors, backward=True)
 
 
 def ms_deform_attn_backward(
@@ -363,32 +393,14 @@ def ms_deform_attn_backward(
     grad_loc = torch.empty_like(sampling_locations)
     grad_attn = torch.empty_like(attention_weights)
     if grad_out.numel() > 0 and grad_attn.numel() > 0:
-        _launch_backward(
+        backward_launch(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out.contiguous(),
             grad_value, grad_loc, grad_attn,
-        )  # fmt: skip
+        )()  # fmt: skip
     else:
         grad_loc.zero_()
         grad_attn.zero_()
     return grad_value.to(value.dtype), grad_loc, grad_attn
-
-
-def _launch_backward(
-    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
-    grad_value, grad_loc, grad_attn,
-):  # fmt: skip
-    batch, num_values, heads, head_dim = value.shape
-    _, num_queries, _, levels, points, _ = sampling_locations.shape
-    num_rows = num_queries * heads
-    block_rows, block_d, num_warps = _launch_config(num_rows, head_dim, backward=True)
-    return _ms_deform_attn_bwd_kernel[_launch_grid(num_rows, block_rows, batch)](
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_out,
-        grad_value, grad_loc, grad_attn,
-        num_rows, num_values,
-        NUM_HEADS=heads, HEAD_DIM=head_dim, NUM_LEVELS=levels, NUM_POINTS=points,
-        BLOCK_ROWS=block_rows, BLOCK_D=block_d, ACC_DTYPE=_accumulator_dtype(value.dtype),
-        num_warps=num_warps,
-    )  # fmt: skip
 
 
 def compiled_kernel_report(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -398,12 +410,14 @@ def compiled_kernel_report(value, spatial_shapes, level_start_index, sampling_lo
                          dtype=value.dtype, device=value.device)  # fmt: skip
     accumulate_dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     launches = {
-        "fwd": _launch_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output),
-        "bwd": _launch_backward(
+        "fwd": forward_launch(
+            value, spatial_shapes, level_start_index, sampling_locations, attention_weights, output
+        )(),
+        "bwd": backward_launch(
             value, spatial_shapes, level_start_index, sampling_locations, attention_weights, torch.randn_like(output),
             torch.zeros(value.shape, dtype=accumulate_dtype, device=value.device),
             torch.empty_like(sampling_locations), torch.empty_like(attention_weights),
-        ),
+        )(),
     }  # fmt: skip
     report = {}
     for name, compiled in launches.items():
