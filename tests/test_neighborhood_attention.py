@@ -4,9 +4,12 @@ the FlexAttention path against the reference; gradcheck; errors."""
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex_module
+from torch._dynamo.utils import counters
 
 from kernels._backend import BackendUnavailableError
 from kernels.neighborhood_attention import neighborhood_attention, neighborhood_attention_reference
+from kernels.neighborhood_attention.flex import bucketed_length
 
 
 def natten_window_start(index, length, kernel_size, dilation):
@@ -111,7 +114,7 @@ FLEX_SHAPES = [(3, 2, 1, 4), (5, 1, 0, 3), (5, 3, 2, 1)]
 
 @pytest.mark.parametrize("kernel_size,dilation,extra_h,extra_w", FLEX_SHAPES)
 def test_flex_forward_matches_reference(kernel_size, dilation, extra_h, extra_w):
-    """The FlexAttention path: eager (unfused) on the CPU, compiled on CUDA."""
+    """The FlexAttention path, compiled (inductor's C++ template on the CPU, Triton on CUDA)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     height, width = kernel_size * dilation + extra_h, kernel_size * dilation + extra_w
     query, key, value, rpb = (t.detach().to(device) for t in
@@ -119,6 +122,34 @@ def test_flex_forward_matches_reference(kernel_size, dilation, extra_h, extra_w)
     expected = neighborhood_attention(query, key, value, kernel_size, dilation, rpb, backend="reference")
     actual = neighborhood_attention(query, key, value, kernel_size, dilation, rpb, backend="flex")
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+# (height, width, dilation) of 20 images: odd, non-square, every dilation 1-3, sequence lengths 81..256, so
+# two buckets (one and two tiles of 128 tokens).
+VARIABLE_SIZES = [
+    (9, 9, 1), (9, 10, 3), (10, 9, 2), (9, 13, 1), (11, 11, 3), (12, 10, 2), (10, 14, 1), (13, 12, 1),
+    (9, 17, 3), (14, 11, 2), (12, 15, 1), (16, 11, 3), (13, 14, 2), (15, 13, 1), (11, 19, 2), (14, 16, 3),
+    (17, 13, 1), (15, 16, 2), (16, 15, 3), (16, 16, 1),
+]
+
+
+@pytest.mark.slow  # compiles two FlexAttention kernels with inductor's C++ backend: ~30-40 s on two cores
+def test_compiled_flex_serves_every_image_size_with_one_kernel_per_bucket(monkeypatch):
+    """Evaluation sees a new image size almost every image: the compiled kernel must be reused, never
+    recompiled per size until Dynamo gives up and torch falls back to the unfused path."""
+    fallback_warnings = []
+    monkeypatch.setattr(flex_module, "_warn_once", lambda warning_id, message: fallback_warnings.append(message))
+    torch._dynamo.reset()
+    compiled_before = counters["stats"]["unique_graphs"]
+    buckets = {bucketed_length(height * width) for height, width, _ in VARIABLE_SIZES}
+    assert len(buckets) == 2 and len({(h, w) for h, w, _ in VARIABLE_SIZES}) == len(VARIABLE_SIZES) >= 20
+    for index, (height, width, dilation) in enumerate(VARIABLE_SIZES):
+        query, key, value, rpb = (t.detach().float() for t in random_inputs(height, width, 3, head_dim=16, seed=index))
+        expected = neighborhood_attention(query, key, value, 3, dilation, rpb, backend="reference")
+        actual = neighborhood_attention(query, key, value, 3, dilation, rpb, backend="flex")
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m, size=(height, width): f"{size}: {m}")
+    assert counters["stats"]["unique_graphs"] - compiled_before == len(buckets)
+    assert fallback_warnings == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU tensors")

@@ -22,7 +22,7 @@ log = logging.getLogger("kernels")
 
 
 def flex_available_for(device: torch.device, needs_grad: bool) -> tuple[bool, str]:
-    """Whether the FlexAttention path can run on `device` (CUDA compiled; CPU eager, forward only)."""
+    """Whether the FlexAttention path can run on `device` (compiled; forward only on the CPU)."""
     try:
         import torch.nn.attention.flex_attention  # noqa: F401
     except ImportError as err:  # pragma: no cover - ships with torch >= 2.5
