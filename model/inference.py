@@ -78,6 +78,8 @@ def thresholds_from_config(config) -> InferenceThresholds:
 TTA_FACTORS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 """Multi-scale test short sides as factors of the test short side: the official TEST.AUG.MIN_SIZES are these
 multiples of MIN_SIZE_TEST (ADE20K-640 320..1120, ADE20K-1280 640..2240, Cityscapes 512..1792)."""
+COCO_TTA_FACTORS = (0.5, 0.625, 0.75, 0.875, 1.0, 1.125, 1.25, 1.375, 1.5)
+"""OneFormer's COCO configs keep detectron2's default TEST.AUG.MIN_SIZES, 400..1200 by 100: these x 800."""
 
 
 @dataclass(frozen=True)
@@ -89,25 +91,28 @@ class InferenceSize:
     max_size: int
     tta_max_size: int | None = None
     """Default: max_size x the largest TTA factor (the ADE20K configs' rule: 2560 x 1.75 = 4480)."""
+    tta_factors: tuple[float, ...] = TTA_FACTORS
+    """The multi-scale views' short sides as factors of short_side (official TEST.AUG.MIN_SIZES / MIN_SIZE_TEST)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.short_side <= self.max_size:
             raise ValueError(f"test size needs 0 < short side <= max size, got ({self.short_side}, {self.max_size})")
         if self.tta_max_size is None:
-            object.__setattr__(self, "tta_max_size", round(self.max_size * TTA_FACTORS[-1]))
+            object.__setattr__(self, "tta_max_size", round(self.max_size * max(self.tta_factors)))
         if self.tta_max_size < 1:
             raise ValueError(f"tta_max_size must be >= 1, got {self.tta_max_size}")
 
-    def tta_short_sides(self, factors: Sequence[float] = TTA_FACTORS) -> tuple[int, ...]:
-        """The multi-scale views' short sides (official TEST.AUG.MIN_SIZES): factors of the test short side."""
+    def tta_short_sides(self, factors: Sequence[float] | None = None) -> tuple[int, ...]:
+        """The multi-scale views' short sides (official TEST.AUG.MIN_SIZES): `factors` (default: tta_factors)
+        of the test short side."""
+        factors = self.tta_factors if factors is None else factors
         return tuple(max(1, round(self.short_side * factor)) for factor in factors)
 
 
 INFERENCE_SIZES: dict[str, InferenceSize] = {
     "ade20k": InferenceSize(640, 2560, tta_max_size=4480),
     "ade20k_1280": InferenceSize(1280, 5120, tta_max_size=8960),
-    # OneFormer ships no COCO multi-scale config (TTA is for semantic mIoU); the ADE20K rule gives 1333 x 1.75.
-    "coco": InferenceSize(800, 1333, tta_max_size=2333),
+    "coco": InferenceSize(800, 1333, tta_max_size=4000, tta_factors=COCO_TTA_FACTORS),  # detectron2's defaults
     "cityscapes": InferenceSize(1024, 2048, tta_max_size=4096),
 }
 """The official MIN_SIZE_TEST / MAX_SIZE_TEST (and TEST.AUG.MAX_SIZE) per dataset, keyed like the model
@@ -422,7 +427,7 @@ def semantic_multiscale_flip(
     model: torch.nn.Module,
     images: torch.Tensor,
     image_sizes: Sequence[tuple[int, int]],
-    scales: Sequence[float] = TTA_FACTORS,
+    scales: Sequence[float] | None = None,
     flip: bool = True,
     size_divisibility: int = 32,
     original_sizes: Sequence[tuple[int, int]] | None = None,
@@ -436,11 +441,14 @@ def semantic_multiscale_flip(
     size given (the official path): each image is first resized to the test size, and scale s is then the
     official DatasetMapperTTA view of that image, ResizeShortestEdge(s x size.short_side, size.tta_max_size)
     (ADE20K-640: short sides 320..1120, long side at most 4480). size None: scale s resizes the valid image
-    to (int(h s + 0.5), int(w s + 0.5)), factors of the image as given. Resizing is `resize_image`; an
+    to (int(h s + 0.5), int(w s + 0.5)), factors of the image as given. scales default: the size's official
+    factors (size.tta_factors), TTA_FACTORS when size is None. Resizing is `resize_image`; an
     unchanged size is left untouched. Each augmented batch is padded to `size_divisibility` with the model's
     pixel mean (what the official code's zero padding after normalisation is) and run with the "semantic"
     task. original_sizes: the (H0, W0) to return at; defaults to image_sizes. Run the model in eval mode.
     """
+    if scales is None:
+        scales = TTA_FACTORS if size is None else size.tta_factors
     _check_tta_arguments(images, image_sizes, scales, size_divisibility, original_sizes)
     images = images.to(_pixel_mean_of(model).device)
     original_sizes = list(image_sizes if original_sizes is None else original_sizes)

@@ -138,6 +138,8 @@ def test_merge_refuses_different_settings(data):
         PartialResults(_options(data)).merge(PartialResults(_options(data, ["miou"])))
     with pytest.raises(ValueError, match="cannot merge"):
         PartialResults(_options(data)).merge(PartialResults(_options(data, size=InferenceSize(*TEST_SIZE))))
+    # In training only rank 0 keeps pictures: parts that differ only in that merge.
+    assert PartialResults(_options(data, pictures=4)).merge(PartialResults(_options(data))).options.pictures == 4
 
 
 def test_two_ray_workers_give_the_single_process_numbers(data, cli_run):

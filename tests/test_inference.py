@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model.inference import (
+    COCO_TTA_FACTORS,
     INFERENCE_SIZES,
     InferenceSize,
     InferenceThresholds,
@@ -407,7 +408,8 @@ def test_official_test_sizes_and_multiscale_short_sides():
     assert inference_size_for("ade20k").tta_short_sides() == (320, 480, 640, 800, 960, 1120)
     assert inference_size_for("ade20k_1280").tta_short_sides() == (640, 960, 1280, 1600, 1920, 2240)
     assert inference_size_for("cityscapes").tta_short_sides() == (512, 768, 1024, 1280, 1536, 1792)
-    assert [INFERENCE_SIZES[name].tta_max_size for name in ("ade20k", "ade20k_1280", "cityscapes")] == [4480, 8960, 4096]
+    assert inference_size_for("coco").tta_short_sides() == tuple(range(400, 1201, 100))  # detectron2's defaults
+    assert [size.tta_max_size for size in INFERENCE_SIZES.values()] == [4480, 8960, 4000, 4096]
     assert InferenceSize(96, 384).tta_max_size == 672  # the ADE20K rule: max size x 1.75
     with pytest.raises(ValueError, match="dataset must be one of"):
         inference_size_for("pascal")
@@ -417,7 +419,7 @@ def test_official_test_sizes_and_multiscale_short_sides():
 
 @pytest.mark.parametrize(
     ("test_size", "expected"),
-    [(None, InferenceSize(800, 1333, 2333)), ("none", None), ((96, 384), InferenceSize(96, 384))],
+    [(None, InferenceSize(800, 1333, 4000, COCO_TTA_FACTORS)), ("none", None), ((96, 384), InferenceSize(96, 384))],
 )
 def test_resolve_inference_size_defaults_to_the_config_dataset(test_size, expected):
     from model import make_config

@@ -24,6 +24,7 @@ the JSON files, pictures and metrics.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -101,8 +102,8 @@ class EvaluationOptions:
 
     size: the test-time resize (model.inference.InferenceSize); None scores each image at its own size.
     semantic_multiscale: semantic scores from model.inference.semantic_multiscale_flip over
-        `multiscale_scales` (factors of the test short side, or of the image when size is None), with
-        horizontal flips when `multiscale_flip`.
+        `multiscale_scales` (factors of the test short side, or of the image when size is None; default: the
+        size's official factors, else TTA_FACTORS), with horizontal flips when `multiscale_flip`.
     pictures: keep this many images per task (image, ground truth, prediction) for report.save_pictures.
     predictions_folder: write every prediction (and the ground truth) there in the standard formats
         (report.PredictionFiles); report.write_predictions writes the JSON files once, after merging.
@@ -113,7 +114,7 @@ class EvaluationOptions:
     metrics: tuple[str, ...]
     size: InferenceSize | None = None
     semantic_multiscale: bool = False
-    multiscale_scales: tuple[float, ...] = TTA_FACTORS
+    multiscale_scales: tuple[float, ...] | None = None
     multiscale_flip: bool = True
     size_divisibility: int = 32
     pictures: int = 0
@@ -125,12 +126,15 @@ class EvaluationOptions:
             raise ValueError(f"metrics must be a non-empty subset of {sorted(TASK_OF_METRIC)}, got {list(self.metrics)}")
         if self.pictures < 0:
             raise ValueError(f"pictures must be >= 0, got {self.pictures}")
-        if self.semantic_multiscale and (not self.multiscale_scales or min(self.multiscale_scales) <= 0):
-            raise ValueError(f"multiscale_scales must be positive factors, got {tuple(self.multiscale_scales)}")
+        scales = self.multiscale_scales
+        if scales is None:
+            scales = TTA_FACTORS if self.size is None else self.size.tta_factors
+        if self.semantic_multiscale and (not scales or min(scales) <= 0):
+            raise ValueError(f"multiscale_scales must be positive factors, got {tuple(scales)}")
         # AP needs thing classes; without any it is left out rather than failing.
         metrics = tuple(m for m in self.metrics if m != "ap" or any(self.classes.isthing))
         object.__setattr__(self, "metrics", metrics)
-        object.__setattr__(self, "multiscale_scales", tuple(float(s) for s in self.multiscale_scales))
+        object.__setattr__(self, "multiscale_scales", tuple(float(s) for s in scales))
 
 
 class PartialResults:
@@ -217,7 +221,8 @@ class PartialResults:
     def merge(self, other: PartialResults) -> PartialResults:
         """Add another part's images (a disjoint part of the split, same options) into this one; returns
         self. Pictures keep this one's first, then the other's, up to `pictures` per task."""
-        if other.options != self.options:
+        # Only one rank keeps pictures in training, so the picture count may differ between parts.
+        if dataclasses.replace(other.options, pictures=0) != dataclasses.replace(self.options, pictures=0):
             raise ValueError("cannot merge evaluation results with different classes, thresholds, metrics, "
                              "test size or multi-scale settings")
         for metric, evaluator in self.evaluators.items():
@@ -389,7 +394,7 @@ def evaluate_model(
     max_images: int | None = None,
     batch_size: int = 1,
     multiscale: bool = False,
-    multiscale_scales: Sequence[float] = TTA_FACTORS,
+    multiscale_scales: Sequence[float] | None = None,
     test_size: tuple[int, int] | str | None = None,
     out: str | os.PathLike | None = None,
     pictures: int = 4,
@@ -450,7 +455,7 @@ def _build_request(checkpoint, shards, classes, metrics, num_workers, max_images
     options = EvaluationOptions(
         classes=class_info, thresholds=thresholds_from_config(config), metrics=tuple(metrics),
         size=resolve_inference_size(config, test_size), semantic_multiscale=multiscale,
-        multiscale_scales=tuple(multiscale_scales), size_divisibility=config.size_divisibility,
+        multiscale_scales=None if multiscale_scales is None else tuple(multiscale_scales), size_divisibility=config.size_divisibility,
         pictures=pictures if out is not None else 0,
         predictions_folder=str(Path(out, "predictions").resolve()) if out is not None else None,
     )
