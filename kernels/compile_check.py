@@ -80,7 +80,9 @@ def deformable_attention_launches(
     crop: tuple[int, int], dtype: torch.dtype
 ) -> Iterator[tuple[str, KernelLaunch]]:
     """Forward and backward of the pixel decoder's deformable attention at this crop."""
-    heads, head_dim, points, batch = (DEFORMABLE_ATTENTION[k] for k in ("heads", "head_dim", "points", "batch"))
+    heads, head_dim, points, batch = (
+        DEFORMABLE_ATTENTION[k] for k in ("heads", "head_dim", "points", "batch")
+    )
     levels = [(crop[0] // stride, crop[1] // stride) for stride in (8, 16, 32)]
     num_values = sum(h * w for h, w in levels)
     value = meta(batch, num_values, heads, head_dim, dtype=dtype)
@@ -91,8 +93,11 @@ def deformable_attention_launches(
     output = meta(batch, num_values, heads * head_dim, dtype=dtype)
     yield "decoder forward", deform_kernels.forward_launch(value, shapes, starts, locations, weights, output)
     grad_value = meta(*value.shape, dtype=torch.float32)  # the fp32 accumulation buffer
-    yield "decoder backward", deform_kernels.backward_launch(
-        value, shapes, starts, locations, weights, output, grad_value, locations, weights
+    yield (
+        "decoder backward",
+        deform_kernels.backward_launch(
+            value, shapes, starts, locations, weights, output, grad_value, locations, weights
+        ),
     )
 
 
@@ -106,23 +111,33 @@ def mask_loss_launches(crop: tuple[int, int], dtype: torch.dtype) -> Iterator[tu
     # importance sampling: every matched mask's logits at its own candidate points
     matched = meta(batch * targets, *logits_hw, dtype=dtype)
     candidates = meta(batch * targets, oversample * points, 2)
-    yield "importance sampling", mask_kernels.sample_points_launch(
-        matched, None, candidates, meta(*candidates.shape[:2]), 1
+    yield (
+        "importance sampling",
+        mask_kernels.sample_points_launch(matched, None, candidates, meta(*candidates.shape[:2]), 1),
     )
     # matcher: all queries' logits, then the padded targets, at points shared by each image's rows
     image_points = meta(batch, points, 2)
     all_logits = meta(batch * queries, *logits_hw, dtype=dtype)
-    yield "matcher logits", mask_kernels.sample_points_launch(
-        all_logits, None, image_points, meta(batch * queries, points), queries
+    yield (
+        "matcher logits",
+        mask_kernels.sample_points_launch(
+            all_logits, None, image_points, meta(batch * queries, points), queries
+        ),
     )
     target_rows = meta(batch * targets, dtype=torch.int64)
-    yield "matcher targets", mask_kernels.sample_points_launch(
-        target_bytes, target_rows, image_points, meta(batch * targets, points), targets
+    yield (
+        "matcher targets",
+        mask_kernels.sample_points_launch(
+            target_bytes, target_rows, image_points, meta(batch * targets, points), targets
+        ),
     )
     # losses: fused forward and backward over the matched masks
     mask_points = meta(batch * targets, points, 2)
     partial = meta(batch * targets, -(-points // mask_kernels._BLOCK_POINTS), 4)
-    yield "loss forward", mask_kernels.point_loss_forward_launch(matched, target_bytes, target_rows, mask_points, partial)
+    yield (
+        "loss forward",
+        mask_kernels.point_loss_forward_launch(matched, target_bytes, target_rows, mask_points, partial),
+    )
     per_mask = meta(batch * targets)
     yield "loss backward", mask_kernels.point_loss_backward_launch(
         matched, target_bytes, target_rows, mask_points, meta(batch * targets, 4), per_mask, per_mask,
@@ -134,7 +149,10 @@ def all_launches() -> Iterator[tuple[str, str, str, KernelLaunch]]:
     """(shape set, dtype name, use, launch) for every kernel launch at every real shape set and dtype."""
     for crop_name, crop in CROPS.items():
         for dtype_name, dtype in DTYPES.items():
-            for use, launch in (*deformable_attention_launches(crop, dtype), *mask_loss_launches(crop, dtype)):
+            for use, launch in (
+                *deformable_attention_launches(crop, dtype),
+                *mask_loss_launches(crop, dtype),
+            ):
                 yield crop_name, dtype_name, use, launch
 
 
@@ -207,7 +225,9 @@ def compile_one(launch: KernelLaunch, arch: int, specialised) -> dict[str, int]:
 
 
 def describe_config(launch: KernelLaunch) -> str:
-    tunables = {k: v for k, v in launch.kwargs.items() if k.startswith(("BLOCK", "SAMPLE", "num_", "maxnreg"))}
+    tunables = {
+        k: v for k, v in launch.kwargs.items() if k.startswith(("BLOCK", "SAMPLE", "num_", "maxnreg"))
+    }
     return " ".join(f"{k}={v}" for k, v in tunables.items())
 
 
@@ -234,14 +254,26 @@ def check(arch_names: list[str]) -> list[KernelReport]:
             for name, value in compile_one(launch, arch, specialised).items():
                 setattr(report, name, value)
         except Exception as err:  # a compile error is a finding to report, not a reason to stop
-            report.error = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            report.error = (
+                f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+            )
         if report.shared_bytes is not None and report.shared_bytes > SHARED_MEMORY_LIMIT.get(arch, 1 << 30):
             report.error = f"{report.shared_bytes} B of shared memory exceeds the {arch_name} limit"
     return list(reports.values())
 
 
 def print_reports(reports: list[KernelReport]) -> None:
-    header = ("kernel", "use", "arch", "dtype", "launch config", "regs", "spill st/ld B", "smem B", "shape sets")
+    header = (
+        "kernel",
+        "use",
+        "arch",
+        "dtype",
+        "launch config",
+        "regs",
+        "spill st/ld B",
+        "smem B",
+        "shape sets",
+    )
     rows = [header]
     for r in reports:
         spills = "" if r.spill_stores is None else f"{r.spill_stores}/{r.spill_loads}"
@@ -255,12 +287,17 @@ def print_reports(reports: list[KernelReport]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.compile_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.compile_check", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--arch", default=",".join(DEFAULT_ARCHS), help="comma-separated, e.g. sm_80,sm_90a")
     parser.add_argument("--json", type=Path, help="also write the reports to this file")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("kernels.compile_check: unset TRITON_INTERPRET; interpreted kernels cannot be compiled", file=sys.stderr)
+        print(
+            "kernels.compile_check: unset TRITON_INTERPRET; interpreted kernels cannot be compiled",
+            file=sys.stderr,
+        )
         return 2
     arch_names = [name.strip() for name in args.arch.split(",") if name.strip()]
     for name in arch_names:

@@ -28,4 +28,3 @@ class KernelLaunch:
     @property
     def name(self) -> str:
         return self.kernel.__name__ if hasattr(self.kernel, "__name__") else self.kernel.fn.__name__
-

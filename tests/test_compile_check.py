@@ -1,6 +1,7 @@
-"""`python -m kernels.compile_check`: every Triton kernel compiles for sm_80 and sm_90a at the launch
-configuration its wrapper picks, for every real shape set and dtype, without spilling registers; and the
-check does see spills when there are some.
+"""GPU readiness checked without a GPU. `python -m kernels.compile_check`: every Triton kernel compiles for
+sm_80 and sm_90a at the launch configuration its wrapper picks, for every real shape set and dtype, without
+spilling registers; and the check does see spills when there are some. `make gpu-check`: without a GPU it
+says so in one line and exits 2.
 
 The check compiles for real GPUs, so it runs in a fresh process without TRITON_INTERPRET (the test suite
 sets it on machines without a GPU, and it replaces the kernels with Python functions). The full matrix is
@@ -79,3 +80,23 @@ def test_check_refuses_to_run_under_the_interpreter():
     )  # fmt: skip
     assert result.returncode == 2
     assert "unset TRITON_INTERPRET" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gpu_check_without_a_gpu_exits_2_with_one_line():
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}  # no GPU, even on a machine that has one
+    result = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no CUDA device" in lines[0], result.stderr
+
+
+def test_make_gpu_check_runs_the_gpu_check_script():
+    result = subprocess.run(
+        ["make", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1].endswith("python benchmarks/gpu_check.py")

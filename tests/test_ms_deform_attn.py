@@ -17,6 +17,8 @@ from kernels import BackendUnavailableError, choose_backend, ms_deform_attn
 from kernels.ms_deform_attn.reference import ms_deform_attn_reference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# Inputs are made on the host (seeded) and moved here: the GPU on a CUDA machine, else the interpreter on CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # name -> (levels as (h, w), batch, queries, heads, head_dim, points)
 CASES = {
@@ -53,10 +55,10 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def output_and_grads(backend, inputs, spatial_shapes, level_start_index, grad_output):
-    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    leaves = [t.detach().to(DEVICE).clone().requires_grad_() for t in inputs]
     value, locations, weights = leaves
     output = ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=backend)
-    output.backward(grad_output.to(output.dtype))
+    output.backward(grad_output.to(DEVICE, output.dtype))
     return output, [leaf.grad for leaf in leaves]
 
 
@@ -141,7 +143,7 @@ def test_gradcheck_float64(backend):
     generator = torch.Generator().manual_seed(11)
     spatial_shapes, level_start_index = level_layout(levels)
     value, locations, weights = random_inputs(levels, 1, 2, 1, 3, 2, dtype=torch.float64, generator=generator)
-    leaves = [t.requires_grad_() for t in (value, locations, weights)]
+    leaves = [t.to(DEVICE).requires_grad_() for t in (value, locations, weights)]
 
     def op(value, locations, weights):
         return ms_deform_attn(value, spatial_shapes, level_start_index, locations, weights, backend=backend)
@@ -234,6 +236,8 @@ def test_triton_backend_rejects_bad_inputs(bad):
     name, corrupt, message = BAD_INPUTS[bad]
     inputs = _valid_small_inputs()
     inputs[name] = corrupt(inputs[name])
+    # spatial_shapes and level_start_index stay on the host: the value-dependent checks run only there
+    inputs = {key: t if key in ("spatial_shapes", "level_start_index") else t.to(DEVICE) for key, t in inputs.items()}
     with pytest.raises(ValueError, match=message):
         ms_deform_attn(**inputs, backend="triton")
 

@@ -133,10 +133,11 @@ VARIABLE_SIZES = [
 ]
 
 
-@pytest.mark.slow  # compiles two FlexAttention kernels with inductor's C++ backend: ~30-40 s on two cores
+@pytest.mark.slow  # compiles two FlexAttention kernels (inductor's C++ backend on CPU: ~30-40 s on two cores)
 def test_compiled_flex_serves_every_image_size_with_one_kernel_per_bucket(monkeypatch):
     """Evaluation sees a new image size almost every image: the compiled kernel must be reused, never
     recompiled per size until Dynamo gives up and torch falls back to the unfused path."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     fallback_warnings = []
     monkeypatch.setattr(flex_module, "_warn_once", lambda warning_id, message: fallback_warnings.append(message))
     torch._dynamo.reset()
@@ -144,7 +145,8 @@ def test_compiled_flex_serves_every_image_size_with_one_kernel_per_bucket(monkey
     buckets = {bucketed_length(height * width) for height, width, _ in VARIABLE_SIZES}
     assert len(buckets) == 2 and len({(h, w) for h, w, _ in VARIABLE_SIZES}) == len(VARIABLE_SIZES) >= 20
     for index, (height, width, dilation) in enumerate(VARIABLE_SIZES):
-        query, key, value, rpb = (t.detach().float() for t in random_inputs(height, width, 3, head_dim=16, seed=index))
+        query, key, value, rpb = (t.detach().float().to(device)
+                                  for t in random_inputs(height, width, 3, head_dim=16, seed=index))
         expected = neighborhood_attention(query, key, value, 3, dilation, rpb, backend="reference")
         actual = neighborhood_attention(query, key, value, 3, dilation, rpb, backend="flex")
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5, msg=lambda m, size=(height, width): f"{size}: {m}")

@@ -1,6 +1,6 @@
 """A whole training step's Hungarian matcher costs and point-sampled mask losses (forward + backward), fused
 Triton path against the unfused reference, on the shapes of ADE20K 640 (10 decoder predictions, Q=250,
-12,544 points, B=2, K=150, mask logits 160x160, targets 640x640).
+12,544 points, B=2, K=150, mask logits 160x160, targets 640x640), and COCO 1024 (256x256, 1024x1024) when asked.
 
 Implementations (same random draws for all, via one seeded generator per step):
 - `reference_per_image`: Mask2Former's structure: reference ops, costs moved to the host per (layer, image),
@@ -29,22 +29,26 @@ from kernels.mask_losses import matching_costs, point_mask_losses
 OP = "mask_losses"
 DEVICE = "cuda"
 LAYERS, QUERIES, POINTS, BATCH, CLASSES = 10, 250, 12544, 2, 150
-PRED_SIZE, TARGET_SIZE = (160, 160), (640, 640)
+# crop -> (mask logits at stride 4, targets at the crop); ADE20K 640 is the default
+CROPS = {"ade20k_640": ((160, 160), (640, 640)), "coco_1024": ((256, 256), (1024, 1024))}
 TARGETS_PER_IMAGE = {"main": (40, 25), "crowded": (100, 100)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 BASELINE = "reference_per_image"
 Inputs = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
 
 
-def make_inputs(targets_per_image: Sequence[int], dtype: torch.dtype, seed: int) -> Inputs:
+def make_inputs(
+    targets_per_image: Sequence[int], dtype: torch.dtype, seed: int, crop: str = "ade20k_640"
+) -> Inputs:
     """Per-layer class logits and mask logits (leaves with gradients), per-image labels and blobby bool masks."""
+    pred_size, target_size = CROPS[crop]
     gen = torch.Generator(DEVICE).manual_seed(seed)
     pred_logits = [
         torch.randn(BATCH, QUERIES, CLASSES + 1, device=DEVICE, generator=gen).to(dtype)
         for _ in range(LAYERS)
     ]
     pred_masks = [
-        (4 * torch.randn(BATCH, QUERIES, *PRED_SIZE, device=DEVICE, generator=gen))
+        (4 * torch.randn(BATCH, QUERIES, *pred_size, device=DEVICE, generator=gen))
         .to(dtype)
         .requires_grad_(True)
         for _ in range(LAYERS)
@@ -53,7 +57,7 @@ def make_inputs(targets_per_image: Sequence[int], dtype: torch.dtype, seed: int)
     for count in targets_per_image:
         labels.append(torch.randint(0, CLASSES, (count,), device=DEVICE, generator=gen))
         coarse = torch.randn(count, 1, 12, 12, device=DEVICE, generator=gen)
-        masks.append(F.interpolate(coarse, size=TARGET_SIZE, mode="bilinear")[:, 0] > 0.8)
+        masks.append(F.interpolate(coarse, size=target_size, mode="bilinear")[:, 0] > 0.8)
     return pred_logits, pred_masks, labels, masks
 
 
@@ -166,9 +170,9 @@ def worst_error(results: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor,
     return max(harness.relative_l2_error(a, e) for a, e in zip(results, expected))
 
 
-def bench_case(case: str, dtype_name: str, quick: bool) -> list[dict[str, Any]]:
+def bench_case(case: str, dtype_name: str, quick: bool, crop: str = "ade20k_640") -> list[dict[str, Any]]:
     targets = TARGETS_PER_IMAGE[case]
-    input_sets = [make_inputs(targets, DTYPES[dtype_name], seed) for seed in range(2 if quick else 3)]
+    input_sets = [make_inputs(targets, DTYPES[dtype_name], seed, crop) for seed in range(2 if quick else 3)]
     rows = []
     for impl in (BASELINE, "reference_batched", "fused"):
         step = make_step(impl)
@@ -176,7 +180,7 @@ def bench_case(case: str, dtype_name: str, quick: bool) -> list[dict[str, Any]]:
         syncs = count_host_syncs(step, input_sets[0])
         row = harness.result_row(
             op=OP,
-            case=f"{case} T={targets}",
+            case=f"{case} T={targets}" if crop == "ade20k_640" else f"{crop} {case} T={targets}",
             dtype=dtype_name,
             pass_name="step fwd+bwd",
             impl=impl,

@@ -181,11 +181,15 @@ def float64_expected(levels, inputs: Inputs, backward: bool) -> tuple[torch.Tens
     return tuple(t.detach() for t in (results if isinstance(results, tuple) else (results,)))
 
 
-def bench_case(case: str, batch: int, dtype_name: str, quick: bool) -> list[dict[str, Any]]:
+def bench_case(
+    case: str, batch: int, dtype_name: str, quick: bool, with_compile: bool | None = None
+) -> list[dict[str, Any]]:
+    """Rows of every implementation at one shape; torch.compile of the reference (slow to compile) only at
+    the main case unless `with_compile` says otherwise."""
     levels, _ = SHAPES[case]
     dtype = DTYPES[dtype_name]
     num_values = sum(h * w for h, w in levels)
-    with_compile = (case, batch) == MAIN_CASE
+    with_compile = (case, batch) == MAIN_CASE if with_compile is None else with_compile
     impls = implementations(levels, with_compile)
     rows = []
     for backward in (False, True):

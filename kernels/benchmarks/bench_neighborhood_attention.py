@@ -1,6 +1,7 @@
 """Neighborhood attention with relative positional bias: the FlexAttention path against the gather reference
-(eager, and torch.compile of it), at DiNAT-L's shapes for ADE20K 640 (kernel 11; per stage and dilation, maps
-padded to kernel*dilation where the block pads them, as DiNAT does), forward and forward+backward.
+(eager, and torch.compile of it), at DiNAT-L's shapes for ADE20K 640 and COCO 1024's first stage (kernel 11;
+per stage and dilation, maps padded to kernel*dilation where the block pads them, as DiNAT does), forward and
+forward+backward.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "s3_d5_55": (55, 24, 5),
     "s4_d1_20": (20, 48, 1),
     "s4_d2_22": (22, 48, 2),
+    # COCO 1024: the first stage at 256x256, the largest sequence (65,536 tokens) of the real configs
+    "coco1024_s1_d1_256": (256, 6, 1),
+    "coco1024_s1_d20_256": (256, 6, 20),
 }
 QUICK_CASES = ("s1_d1_160", "s1_d20_220", "s3_d3_40")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
