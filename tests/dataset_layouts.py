@@ -1,4 +1,4 @@
-"""Real-format fixtures for tests and benchmarks: re-lay a custom COCO-panoptic dataset (e.g. the synthetic
+"""Real-format dataset layouts for tests: re-lay a custom COCO-panoptic dataset (e.g. the synthetic
 one) out as COCO 2017, ADE20K panoptic or Cityscapes gtFine panoptic, with each format's file naming."""
 
 from __future__ import annotations

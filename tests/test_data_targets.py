@@ -15,7 +15,7 @@ from PIL import Image
 
 from model.texts import TASKS, TextTokenTable, text_list
 from model.tokenizer import tokenize
-from pipeline.data.fixtures import relayout
+from dataset_layouts import relayout
 from pipeline.data.preprocess import PreprocessError, run_preprocess
 from pipeline.data.readers import read_split
 from pipeline.data.settings import DatasetSettings, PreprocessSettings
