@@ -147,7 +147,7 @@ def preset_rows(preset: str) -> list[dict[str, Any]]:
     from bench_model_vs_transformers import synthetic_batch
 
     from model.checkpoint import build_from_config
-    from model.criterion import LossConfig, weighted_total
+    from model.criterion import LossConfig, training_loss
     from model.presets import make_config
 
     config = make_config(preset, dataset="ade20k", training=True)
@@ -162,8 +162,8 @@ def preset_rows(preset: str) -> list[dict[str, Any]]:
     text_tokens = data["text_tokens"].cuda()
 
     def train_step():
-        outputs = model(images, data["tasks"], text_tokens)
-        weighted_total(criterion(outputs, targets), losses).backward()
+        loss, _ = training_loss(model, criterion, losses, images, data["tasks"], text_tokens, targets)
+        loss.backward()
         model.zero_grad(set_to_none=True)
 
     def inference_step():
