@@ -1,4 +1,15 @@
-"""Evaluation metrics: panoptic quality (panopticapi-identical), instance AP (pycocotools), semantic mIoU."""
+"""Evaluation, in one package:
+
+    panoptic.py, instance.py, semantic.py   the metrics: PQ (panopticapi's rules), AP (pycocotools), mIoU; each
+                                             an in-memory evaluator whose merge is exact, and a function on files
+    panoptic_format.py                       COCO panoptic PNG/JSON reading and writing
+    runner.py                                evaluate(model, loader, options) -> PartialResults (mergeable), used by
+                                             the trainer and by evaluate_model (one process or Ray workers)
+    report.py                                tables, pictures, metrics.json, standard-format prediction files
+    visualize.py                             overlays and per-class bar charts
+
+`python -m pipeline.evaluate` (pipeline/evaluate.py) is the command line over runner and report.
+"""
 
 from pipeline.evaluation.instance import InstanceEvaluator, instance_ap_compute, panoptic_to_coco_instances
 from pipeline.evaluation.panoptic import PanopticEvaluator, count_id_pairs, pq_compute
