@@ -163,7 +163,8 @@ def test_losses_with_generator_agree_across_backends():
         gen = torch.Generator(DEVICE).manual_seed(123)
         results.append(
             point_mask_losses(
-                logits, targets, 3, num_points=200, generator=gen, target_index=target_index, backend=backend
+                logits, targets, 3, num_points=200, oversample_ratio=3.0, importance_sample_ratio=0.75,
+                generator=gen, target_index=target_index, backend=backend,
             )
         )
     for got, want in zip(*results):
@@ -201,6 +202,9 @@ def test_matching_costs_triton_matches_reference(dtype):
             labels,
             masks,
             num_points=300,
+            class_weight=2.0,
+            bce_weight=5.0,
+            dice_weight=5.0,
             generator=torch.Generator(DEVICE).manual_seed(8),
             backend=backend,
         )
@@ -226,6 +230,8 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         point_mask_losses(logits[0], torch.zeros(2, 8, 8, dtype=torch.bool), 1.0)
     with pytest.raises(ValueError, match="point_coords"):
         point_mask_losses(logits, torch.zeros(2, 8, 8, dtype=torch.bool), 1.0, point_coords=torch.rand(2, 5))
+    with pytest.raises(ValueError, match="num_points, oversample_ratio and importance_sample_ratio are required"):
+        point_mask_losses(logits, torch.zeros(2, 8, 8, dtype=torch.bool), 1.0, num_points=10)
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(BackendUnavailableError):

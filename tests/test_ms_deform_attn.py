@@ -245,7 +245,7 @@ def test_triton_backend_rejects_bad_inputs(bad):
 def test_benchmark_compulsory_bytes_follow_kernels_md():
     from kernels.benchmarks.bench_ms_deform_attn import compulsory_bytes
 
-    # KERNELS.md, all fp32 at L=3: B * (1024 * Lv + 2176 * Lq).
+    # docs/kernels.md, all fp32 at L=3: B * (1024 * Lv + 2176 * Lq).
     assert compulsory_bytes(2, 8400, 8400, 3, torch.float32, backward=False) == 2 * (
         1024 * 8400 + 2176 * 8400
     )

@@ -29,6 +29,9 @@ from kernels.mask_losses import matching_costs, point_mask_losses
 OP = "mask_losses"
 DEVICE = "cuda"
 LAYERS, QUERIES, POINTS, BATCH, CLASSES = 10, 250, 12544, 2, 150
+# OneFormer's settings (model/criterion.py LossConfig; kernels/ does not import the model).
+OVERSAMPLE_RATIO, IMPORTANCE_SAMPLE_RATIO = 3.0, 0.75
+MATCHING = {"num_points": POINTS, "class_weight": 2.0, "bce_weight": 5.0, "dice_weight": 5.0}
 # crop -> (mask logits at stride 4, targets at the crop); ADE20K 640 is the default
 CROPS = {"ade20k_640": ((160, 160), (640, 640)), "coco_1024": ((256, 256), (1024, 1024))}
 TARGETS_PER_IMAGE = {"main": (40, 25), "crowded": (100, 100)}
@@ -77,7 +80,7 @@ def match_per_image(pred_logits, pred_masks, labels, masks, generator) -> list[l
                 [layer_masks[image : image + 1]],
                 [labels[image]],
                 [masks[image]],
-                num_points=POINTS,
+                **MATCHING,
                 generator=generator,
                 backend="reference",
             )
@@ -88,7 +91,7 @@ def match_per_image(pred_logits, pred_masks, labels, masks, generator) -> list[l
 
 def match_batched(pred_logits, pred_masks, labels, masks, generator, backend) -> list[list[tuple]]:
     costs = matching_costs(
-        pred_logits, pred_masks, labels, masks, num_points=POINTS, generator=generator, backend=backend
+        pred_logits, pred_masks, labels, masks, **MATCHING, generator=generator, backend=backend
     )
     host = costs.cpu().numpy()  # the step's one device -> host transfer
     return [
@@ -134,6 +137,8 @@ def make_step(impl: str) -> Callable[..., tuple[torch.Tensor, ...]]:
                     all_masks,
                     num_masks,
                     num_points=POINTS,
+                    oversample_ratio=OVERSAMPLE_RATIO,
+                    importance_sample_ratio=IMPORTANCE_SAMPLE_RATIO,
                     generator=generator,
                     target_index=target_index,
                     backend=backend,

@@ -2,7 +2,7 @@
 reference and, where an installed package provides it, the original Deformable DETR CUDA kernel.
 
 Shapes are the pixel-decoder encoder's (queries = value tokens, 3 levels, H=8, D=32, P=4) at the crops of
-KERNELS.md. Sampling locations are realistic rather than uniform: each query samples around its own position
+docs/kernels.md. Sampling locations are realistic rather than uniform: each query samples around its own position
 with offsets of a few pixels per level, as a trained encoder does, so cache behaviour is representative.
 """
 
@@ -41,7 +41,7 @@ Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # value,
 def compulsory_bytes(
     batch: int, queries: int, num_values: int, levels: int, dtype: torch.dtype, backward: bool
 ) -> int:
-    """Each input read once and each output written once (KERNELS.md's formula for H=8, D=32, P=4).
+    """Each input read once and each output written once (the formula of docs/kernels.md for H=8, D=32, P=4).
     The backward adds: value, locations, weights and grad_out read; their three gradients written."""
     size = torch.tensor([], dtype=dtype).element_size()
     value = num_values * HEADS * HEAD_DIM * size

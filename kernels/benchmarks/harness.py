@@ -3,7 +3,7 @@ memory, error against float64, JSON-lines results and a printed table.
 
 Each `bench_<op>.py` beside this file exposes `run(args) -> list[dict]` and builds its rows with
 `result_row`; `python -m kernels.benchmarks` adds the environment to every row, appends the rows to
-`results.jsonl` and prints them. Method: ../../../.library/device/METHOD.md and /work/shared/KERNELS.md.
+`results.jsonl` and prints them. Method: docs/kernels.md ("How we measure").
 """
 
 from __future__ import annotations

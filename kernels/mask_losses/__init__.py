@@ -72,8 +72,8 @@ def _rand_coords(
 def importance_sample_coords(
     mask_logits: torch.Tensor,
     num_points: int,
-    oversample_ratio: float = 3.0,
-    importance_sample_ratio: float = 0.75,
+    oversample_ratio: float,
+    importance_sample_ratio: float,
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
@@ -104,9 +104,9 @@ def point_mask_losses(
     mask_logits: torch.Tensor,
     target_masks: torch.Tensor,
     num_masks: float | torch.Tensor,
-    num_points: int = 12544,
-    oversample_ratio: float = 3.0,
-    importance_sample_ratio: float = 0.75,
+    num_points: int | None = None,
+    oversample_ratio: float | None = None,
+    importance_sample_ratio: float | None = None,
     point_coords: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     target_index: torch.Tensor | None = None,
@@ -141,6 +141,9 @@ def point_mask_losses(
         return zero, zero.clone()
     chosen = choose_backend("point_mask_losses", mask_logits.device, backend)
     if point_coords is None:
+        if None in (num_points, oversample_ratio, importance_sample_ratio):
+            raise ValueError("without point_coords, num_points, oversample_ratio and importance_sample_ratio are "
+                             "required (the loss settings live in the caller's config, not here)")
         point_coords = importance_sample_coords(
             mask_logits.detach(), num_points, oversample_ratio, importance_sample_ratio, generator, chosen
         )
@@ -175,10 +178,10 @@ def matching_costs(
     pred_masks_per_layer: Sequence[torch.Tensor],
     target_labels: Sequence[torch.Tensor],
     target_masks: Sequence[torch.Tensor],
-    num_points: int = 12544,
-    class_weight: float = 2.0,
-    bce_weight: float = 5.0,
-    dice_weight: float = 5.0,
+    num_points: int,
+    class_weight: float,
+    bce_weight: float,
+    dice_weight: float,
     generator: torch.Generator | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
