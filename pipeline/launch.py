@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 
+import fsspec
 import ray
 import ray.train
 import torch
@@ -19,6 +20,9 @@ from pipeline.cluster import connect_ray
 from pipeline.config import JobConfig
 from pipeline.distributed import configure_deepspeed_environment
 from pipeline.tracking import create_local_store, resolve_tracking_uri
+
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""What Ray Train writes beside a run's checkpoints; its presence means the job ran before."""
 
 
 def train_worker(config: dict) -> None:
@@ -62,6 +66,10 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
     configure_deepspeed_environment(job.scaling.use_gpu)
     create_local_store(resolve_tracking_uri(job))
     connect_ray(job.scaling.ray_address)
+    finished = completed_run(job)
+    if finished is not None:  # nothing to train: say so rather than starting a worker group
+        _print_results(job, finished, already_complete=True)
+        return finished
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
@@ -79,9 +87,20 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
     return result
 
 
-def _print_results(job: JobConfig, result) -> None:
+def completed_run(job: JobConfig):
+    """The Ray Train result of this job's earlier run when its latest checkpoint already reached max_steps."""
+    folder = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
+    fs, path = fsspec.core.url_to_fs(folder)
+    if not fs.exists(f"{path}/{CHECKPOINT_SNAPSHOT}"):
+        return None
+    previous = ray.train.Result.from_path(folder)
+    step = (previous.metrics or {}).get("step", 0)
+    return previous if step >= job.training.max_steps else None
+
+
+def _print_results(job: JobConfig, result, already_complete: bool = False) -> None:
     metrics = result.metrics or {}
-    if metrics.get("run_complete"):
+    if already_complete:
         print(f"{job.name}: the run already reached step {metrics['step']} (training.max_steps "
               f"{job.training.max_steps}); nothing to train. Raise training.max_steps to continue it.")
     else:
@@ -94,7 +113,7 @@ def _print_results(job: JobConfig, result) -> None:
         Console().print(table)
     exported = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
     print(f"checkpoints: {result.path}")
-    best = f" (best by val PQ: {exported}/best/model.pt)" if "val/PQ" in metrics or metrics.get("run_complete") else ""
+    best = f" (best by val PQ: {exported}/best/model.pt)" if "val/PQ" in metrics else ""
     print(f"model: {exported}/model/model.pt{best}")
     print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")
     run_id = metrics.get("mlflow_run_id")

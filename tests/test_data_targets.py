@@ -10,12 +10,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from dataset_layouts import relayout
 from panopticapi.utils import rgb2id
 from PIL import Image
 
 from model.texts import TASKS, TextTokenTable, text_list
 from model.tokenizer import tokenize
-from dataset_layouts import relayout
 from pipeline.data.preprocess import PreprocessError, run_preprocess
 from pipeline.data.readers import read_split
 from pipeline.data.settings import DatasetSettings, PreprocessSettings
