@@ -23,17 +23,21 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from model.backbones.weights import load_backbone_weights
 from model.checkpoint import build_from_config, load_weights, save_model
 from model.criterion import LossConfig, training_loss
+from model.inference import resolve_inference_size, thresholds_from_config
 from model.oneformer import OneFormer
 from model.presets import OneFormerConfig
 from pipeline.config import JobConfig
 from pipeline.data.readers import ClassInfo
 from pipeline.data.shards import manifest_classes, read_manifest
-from pipeline.data.stream import ModelInputs, build_train_loader
+from pipeline.data.stream import ModelInputs, build_eval_loader, build_train_loader
 from pipeline.distributed import full_state_dict, wrap_with_deepspeed
+from pipeline.evaluation.report import save_pictures
+from pipeline.evaluation.runner import EvaluationOptions, evaluate, merge_parts, split_quota
 from pipeline.tracking import RunTracker
 
 log = logging.getLogger("pipeline.train")
@@ -204,10 +208,6 @@ class Trainer:
     def _validate(self, final: bool) -> dict[str, float]:
         """Every rank evaluates its part of the validation shards with the current weights; rank 0 merges,
         logs the metrics and pictures, keeps the best model by PQ, and exports the model when `final`."""
-        import torch.distributed as dist
-
-        from pipeline.evaluation.runner import merge_parts
-
         state = full_state_dict(self.engine)  # collective under ZeRO-3
         results = self._evaluate_part(state)
         if dist.is_initialized() and self.world_size > 1:
@@ -225,10 +225,6 @@ class Trainer:
     def _evaluate_part(self, state: dict):
         """This rank's PartialResults, predicted at the test size exactly as `python -m pipeline.evaluate model`
         does (pipeline/evaluation/runner.py); max_images is shared out over the ranks."""
-        from model.inference import resolve_inference_size, thresholds_from_config
-        from pipeline.data.stream import build_eval_loader
-        from pipeline.evaluation.runner import EvaluationOptions, evaluate, split_quota
-
         model = self._refreshed_evaluation_model(state)
         evaluation = self.job.evaluation
         options = EvaluationOptions(
@@ -250,8 +246,6 @@ class Trainer:
         return self.evaluation_model.eval()
 
     def _publish_validation(self, results, state: dict, final: bool) -> dict[str, float]:
-        from pipeline.evaluation.report import save_pictures
-
         details = results.compute_details()
         summary = {f"val/{key}": value for key, value in results.compute(details).items()}
         log.info("validation at step %d: %s", self.step, " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
