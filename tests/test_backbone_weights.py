@@ -181,6 +181,7 @@ def _resolve_in_worker(barrier, url: str, cache: str, results) -> None:
         results.put(f"error: {error}")
 
 
+@pytest.mark.slow  # 8 worker processes
 def test_workers_of_one_node_download_once(tmp_path):
     # fork: the children need only the already-imported resolver, and the server thread stays in the parent
     context = multiprocessing.get_context("fork")
@@ -336,6 +337,7 @@ def load_timm_name_in_subprocess(server: WeightsServer, cache: Path, out: Path) 
                           timeout=300)
 
 
+@pytest.mark.slow  # child processes against the local hub
 def test_timm_name_downloads_from_the_hub_once_and_verifies_its_sha256(server, tmp_path):
     torch.manual_seed(0)
     timm_state = TimmConvNeXt(depths=tuple(SMALL_CONVNEXT["depths"]), dims=tuple(SMALL_CONVNEXT["dims"]),

@@ -19,6 +19,8 @@ from servers import MlflowServer, free_port
 
 from pipeline.compare import CompareError, compare, default_tracking_uri, main, metric_series
 
+pytestmark = pytest.mark.slow  # every test shares a real MLflow server started with the module
+
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "compare_test"
 START = 1_700_000_000_000  # ms; explicit timestamps make "latest at a step" well defined
@@ -220,7 +222,6 @@ def mlflow_server(store, tmp_path_factory):
         server.stop()
 
 
-@pytest.mark.slow
 def test_command_works_against_a_tracking_server(mlflow_server, tmp_path, capsys):
     mlflow_server.wait_until_healthy()
     url = mlflow_server.url

@@ -99,4 +99,5 @@ def test_make_gpu_check_runs_the_gpu_check_script():
         ["make", "-n", "gpu-check"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1].endswith("python benchmarks/gpu_check.py")
+    # Run from inside make (make test), the nested make also prints its directory changes.
+    assert any(line.endswith("python benchmarks/gpu_check.py") for line in result.stdout.strip().splitlines())

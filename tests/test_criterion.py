@@ -280,6 +280,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow  # two worker processes
 def test_contrastive_across_two_processes_equals_single_process_on_the_whole_batch(tmp_path):
     gen = torch.Generator().manual_seed(6)
     images, texts = torch.randn(4, 5, 6, generator=gen), torch.randn(4, 5, 6, generator=gen)

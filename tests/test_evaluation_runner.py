@@ -142,6 +142,7 @@ def test_merge_refuses_different_settings(data):
     assert PartialResults(_options(data, pictures=4)).merge(PartialResults(_options(data))).options.pictures == 4
 
 
+@pytest.mark.slow  # Ray workers
 def test_two_ray_workers_give_the_single_process_numbers(data, cli_run):
     import ray
 

@@ -56,6 +56,7 @@ def train_losses(backend: str) -> list[float]:
     return losses
 
 
+@pytest.mark.slow  # two training runs, one through the Triton interpreter: about a minute
 def test_triton_kernels_follow_the_reference_loss_curve():
     reference = train_losses("reference")
     triton = train_losses("triton")

@@ -65,6 +65,7 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a & b).sum() / (a | b).sum().clamp(min=1)).item()
 
 
+@pytest.mark.slow  # trains for about 45 s
 def test_tiny_model_overfits_synthetic_images_and_recovers_their_segments():
     torch.manual_seed(0)
     model = build_model("tiny", training=True, num_classes=len(CLASS_NAMES))

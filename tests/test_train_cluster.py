@@ -110,13 +110,17 @@ def ray_head(log: Path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+HEAD_NOT_READY = ("Failed to connect", "No available agent to submit job")
+
+
 def submit(address: str, head: subprocess.Popen, job_file: Path, env_vars: dict) -> subprocess.CompletedProcess:
     command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
                "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", str(job_file)]
     deadline = time.monotonic() + 120
-    while True:  # the dashboard's job API answers some seconds after the head starts
+    while True:  # the job API answers, and then gets an agent, some seconds after the head starts (more under load)
         submitted = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, **RAY_AUTH})
-        if submitted.returncode == 0 or "Failed to connect" not in submitted.stdout + submitted.stderr:
+        printed = submitted.stdout + submitted.stderr
+        if submitted.returncode == 0 or not any(sign in printed for sign in HEAD_NOT_READY):
             return submitted
         assert head.poll() is None, "ray start --head exited"
         assert time.monotonic() < deadline, submitted.stdout + submitted.stderr
