@@ -96,6 +96,28 @@ def test_reference_matches_brute_force_forward_and_backward(kernel_size, dilatio
         torch.testing.assert_close(got, want, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
+def test_training_on_the_cpu_keeps_only_the_inputs_and_gives_the_reference_gradients():
+    """The CPU training path recomputes the k*k gathers in the backward instead of keeping them: same values,
+    same gradients, and nothing of size k*k per query saved for the backward."""
+    query, key, value, rpb = random_inputs(14, 13, 5)
+    upstream = torch.randn(query.shape)
+    saved_sizes = []
+
+    def pack(tensor):
+        saved_sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = neighborhood_attention(query, key, value, 5, 1, rpb, backend="reference")
+    expected = neighborhood_attention_reference(query, key, value, 5, 1, rpb)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
+    assert max(saved_sizes) <= query.numel()  # the gathered neighbourhoods would be 25x that
+    got = torch.autograd.grad(output, (query, key, value, rpb), upstream)
+    want = torch.autograd.grad(expected, (query, key, value, rpb), upstream)
+    for name, g, w in zip(("query", "key", "value", "rpb"), got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
 def test_default_scale_and_no_bias():
     query, key, value, rpb = random_inputs(9, 8, 3)
     expected = brute_force_attention(query, key, value, 3, 2, torch.zeros_like(rpb), query.shape[-1] ** -0.5)
