@@ -18,6 +18,8 @@ from kernels._backend import BackendUnavailableError
 from kernels.neighborhood_attention.reference import neighborhood_attention_reference
 
 BACKENDS = ("reference", "flex")
+TRAINING_BAND_ELEMENTS = 2**25
+"""Gathered elements per band of query rows on the CPU training path (128 MB in fp32)."""
 _logged_choices: set[tuple[str, str]] = set()
 log = logging.getLogger("kernels")
 
@@ -66,16 +68,28 @@ def neighborhood_attention(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     chosen = choose_neighborhood_backend(query.device, backend, needs_grad)
     if chosen == "reference" and needs_grad:
-        # The reference gathers k*k keys and values per query; autograd would keep them (and the scores) for the
-        # backward: about 5 GB per DiNAT-L block at a 640 crop. Recomputing them in the backward keeps only the
-        # inputs: the same numbers, a second gather.
-        return torch.utils.checkpoint.checkpoint(
-            neighborhood_attention_reference, query, key, value, kernel_size, dilation, rpb, scale, use_reentrant=False)
+        return _reference_for_training(query, key, value, kernel_size, dilation, rpb, scale)
     if chosen == "reference":
         return neighborhood_attention_reference(query, key, value, kernel_size, dilation, rpb, scale)
     from kernels.neighborhood_attention.flex import neighborhood_attention_flex
 
     return neighborhood_attention_flex(query, key, value, kernel_size, dilation, rpb, scale)
+
+
+def _reference_for_training(query, key, value, kernel_size, dilation, rpb, scale) -> torch.Tensor:
+    """The reference over bands of query rows, each recomputed in the backward. Whole, it gathers k*k keys and
+    values per query and autograd keeps them, their gradients and the scores: 10 GB and more for one DiNAT-L
+    block at a 640 crop. Per band only the inputs are kept and at most one band's gathers live at a time."""
+    batch, heads, height, width, head_dim = query.shape
+    per_row = batch * heads * width * kernel_size**2 * (head_dim + value.shape[-1])
+    rows = max(1, TRAINING_BAND_ELEMENTS // per_row)
+    bands = [
+        torch.utils.checkpoint.checkpoint(
+            neighborhood_attention_reference, query, key, value, kernel_size, dilation, rpb, scale,
+            (start, min(start + rows, height)), use_reentrant=False)
+        for start in range(0, height, rows)
+    ]
+    return torch.cat(bands, dim=2)
 
 
 __all__ = ["BACKENDS", "neighborhood_attention", "neighborhood_attention_reference"]

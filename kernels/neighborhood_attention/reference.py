@@ -79,17 +79,22 @@ def neighborhood_attention_reference(
     dilation: int = 1,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
+    query_rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """softmax(scale * q.k + rpb) @ v over each query's k x k dilated neighbourhood.
 
     query, key: [B, heads, H, W, d]; value: [B, heads, H, W, dv]; rpb: [heads, 2k-1, 2k-1] or None;
-    scale defaults to d ** -0.5. Returns [B, heads, H, W, dv]. Gathers the neighbourhood keys and values
-    ([B, heads, H, W, k*k, d] each), so memory is k*k times the inputs: fine as a reference and on the CPU.
+    scale defaults to d ** -0.5. Returns [B, heads, H, W, dv], or only the query rows [start, stop) of
+    `query_rows` ([B, heads, stop - start, W, dv]). Gathers the neighbourhood keys and values
+    ([B, heads, rows, W, k*k, d] each), so memory is k*k times the inputs: fine as a reference and on the CPU.
     """
     check_neighborhood_inputs(query, key, value, kernel_size, dilation, rpb)
     batch, heads, height, width, head_dim = query.shape
     scale = head_dim**-0.5 if scale is None else scale
-    rows, row_bias = neighborhood_indices_1d(height, kernel_size, dilation, query.device)
+    start, stop = query_rows if query_rows is not None else (0, height)
+    rows, row_bias = (t[start:stop] for t in neighborhood_indices_1d(height, kernel_size, dilation, query.device))
+    query = query[:, :, start:stop]
+    height = stop - start
     cols, col_bias = neighborhood_indices_1d(width, kernel_size, dilation, query.device)
     # flat key index of neighbour (a, b) of query (y, x): rows[y, a] * W + cols[x, b]
     flat_index = (rows[:, None, :, None] * width + cols[None, :, None, :]).reshape(height * width, -1)
