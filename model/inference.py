@@ -31,7 +31,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-TASKS = ("semantic", "instance", "panoptic")
+from model.texts import TASKS
 
 
 @dataclass(frozen=True)
@@ -527,10 +527,7 @@ def _pixel_mean_of(model: torch.nn.Module) -> torch.Tensor:
 def _rescale_image(image: torch.Tensor, scale: float) -> torch.Tensor:
     """[3, h, w] -> [3, int(h s + 0.5), int(w s + 0.5)] (detectron2's rounding); scale 1 is the identity."""
     height, width = image.shape[-2:]
-    size = (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5)))
-    if size == (height, width):
-        return image
-    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return resize_image(image, (max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))))
 
 
 def _pad_batch(images: Sequence[torch.Tensor], pad_value: torch.Tensor, size_divisibility: int) -> torch.Tensor:

@@ -142,9 +142,8 @@ class Trainer:
             raise
 
     def _fit(self) -> None:
-        if self.finished:  # a re-run of a finished job: nothing to train, the run and its model stay as they are
+        if self.finished:  # the driver normally says so first (launch.completed_run); the run stays as it is
             log.info("rank %d: the run already reached step %d of %d", self.rank, self.step, self.job.training.max_steps)
-            self.context.report({"step": self.step, "run_complete": 1, "mlflow_run_id": self.run_id}, None)
             return
         accumulation = self.job.training.gradient_accumulation_steps
         window = _ThroughputWindow()

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from pipeline.config import JobConfigError, load_job
+from pipeline.data.stream import ModelInputs
 
 JOBS = sorted((Path(__file__).resolve().parent.parent / "jobs").glob("*.yaml"))
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
@@ -73,8 +74,6 @@ def test_dinat_l_recipe_is_the_paper_one(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("job_file", [p for p in JOBS if p.name.startswith("train_")], ids=lambda p: p.name)
 def test_recipes_derive_the_text_slots_from_the_model(job_file, tmp_path, monkeypatch):
-    from pipeline.data.stream import ModelInputs
-
     monkeypatch.setenv("ONEFORMER_WORKDIR", str(tmp_path))
     (tmp_path / yaml.safe_load(job_file.read_text())["data"]["root"]).mkdir(parents=True)
     config = load_job(job_file).model.oneformer_config()
@@ -87,34 +86,27 @@ def test_coco_model_without_num_queries_gets_the_coco_text_list(tmp_path):
     document = demo_document()
     document["model"] = {"preset": "swin_l", "dataset": "coco"}
     job = load_job(write_job(tmp_path, document))
-    from pipeline.data.stream import ModelInputs
-
     assert ModelInputs.from_config(job.model.oneformer_config()).num_text_slots == 150 - 16
 
 
-def test_model_section_is_validated_by_the_model_config(tmp_path):
+@pytest.mark.parametrize(
+    "changes, fragments",
+    [
+        ({"model": {"num_querys": 40}}, ["model.num_querys: unknown key", "did you mean 'model.num_queries'"]),
+        ({"model": {"num_queries": 10}}, ["model.num_queries:", "must exceed text_num_context"]),
+        ({"model": {"conv_dim": 48}}, ["model.conv_dim:", "multiple of 32"]),
+        ({"model": {"training": False}}, ["model.training: set by the job"]),
+        ({"stream": {"crop_size": 100}}, ["stream.crop_size", "model.size_divisibility (32)"]),
+        ({"model": {"num_classes": 7}, "data": {"expected_num_classes": 10}},
+         ["model.num_classes (7)", "data.expected_num_classes (10)"]),
+    ],
+    ids=["unknown-key", "queries", "conv-dim", "training", "crop-vs-size-multiple", "classes-vs-data"],
+)
+def test_model_section_is_validated_by_the_model_config_and_against_stream_and_data(tmp_path, changes, fragments):
     document = demo_document()
-    document["model"]["num_querys"] = 40
-    expect_error(tmp_path, document, "model.num_querys: unknown key", "did you mean 'model.num_queries'")
-    document = demo_document()
-    document["model"]["num_queries"] = 10
-    expect_error(tmp_path, document, "model.num_queries:", "must exceed text_num_context")
-    document = demo_document()
-    document["model"]["conv_dim"] = 48
-    expect_error(tmp_path, document, "model.conv_dim:", "multiple of 32")
-    document = demo_document()
-    document["model"]["training"] = False
-    expect_error(tmp_path, document, "model.training: set by the job")
-
-
-def test_model_section_contradicting_the_stream_or_data_fails(tmp_path):
-    document = demo_document()
-    document["stream"]["crop_size"] = 100
-    expect_error(tmp_path, document, "stream.crop_size", "model.size_divisibility (32)")
-    document = demo_document()
-    document["model"]["num_classes"] = 7
-    document["data"]["expected_num_classes"] = 10
-    expect_error(tmp_path, document, "model.num_classes (7)", "data.expected_num_classes (10)")
+    for section, values in changes.items():
+        document[section].update(values)
+    expect_error(tmp_path, document, *fragments)
 
 
 def test_num_classes_must_match_the_data():
