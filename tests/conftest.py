@@ -11,6 +11,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# Ray's memory monitor kills the newest workers of *its own* instance once the whole node passes 95% memory,
+# whoever uses it: on a shared machine a concurrent heavy job (a 16-20 GB DiNAT-L run beside the suite; raylet
+# logs: "Killing 4 worker(s) ... Memory on the node was 22.70GB used / 23.54GB", 1 GB demo workers killed)
+# made the suite's small Ray Train workers die ("The actor died unexpectedly"). The tests' Ray instances leave
+# out-of-memory decisions to the kernel, which picks the process that actually holds the memory.
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+
 
 @pytest.fixture(scope="module")
 def single_thread():
