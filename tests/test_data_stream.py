@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import colorsys
 import io
+import json
 import tarfile
 from itertools import islice
 
+import fsspec
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,7 @@ from pipeline.data.augment import (
 )
 from pipeline.data.preprocess import run_preprocess
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
+from pipeline.data.shards import file_checksum
 from pipeline.data.stream import ModelInputs, PanopticShardStream, build_eval_loader, build_train_loader
 from pipeline.synthetic import generate_dataset
 
@@ -148,8 +151,18 @@ def test_corrupt_sample_is_skipped_and_counted(shards, tmp_path, caplog):
     loader = _eval_loader(str(folder))
     with caplog.at_level("WARNING"):
         ids = [i for batch in loader for i in batch["image_ids"]]
+    # The shard no longer matches its manifest: skipped whole, every one of its samples counted.
+    assert ids == [] and loader.skip_reasons == {"damaged shard": NUM_TRAIN}
+    assert "train-000000.tar has" in caplog.text and "but the manifest says" in caplog.text
+    # Written that way (the manifest's checksum is the tar's): only the sample is left out.
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0].update(file_checksum(fsspec.filesystem("file"), str(tar_path)))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    loader = _eval_loader(str(folder))
+    with caplog.at_level("WARNING"):
+        ids = [i for batch in loader for i in batch["image_ids"]]
     assert len(ids) == NUM_TRAIN - 1 and loader.num_skipped == 1
-    assert "skipping unreadable sample" in caplog.text
+    assert loader.skip_reasons == {"undecodable sample": 1} and "skipping unreadable sample" in caplog.text
 
 
 def test_eval_stream_keeps_original_sizes_and_annotations(shards):

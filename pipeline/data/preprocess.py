@@ -2,8 +2,10 @@
 
 Per split: `OUTPUT/{split}/{split}-000000.tar ...`, a `.done.json` beside each finished tar, and
 `OUTPUT/{split}/manifest.json`. The shard assignment depends only on the annotation JSON and the input file
-sizes, so a re-run recomputes the same plan and skips shards whose tar and done-marker exist. Every file is
-written under a temporary name and renamed, so a shard is complete or absent.
+sizes, so a re-run recomputes the same plan and reuses a shard whose done-marker has the plan's fingerprint
+(the records and the size and modification time of every input file: a fixed input is re-read) and whose tar
+still has the recorded size and checksum. Every file is written under a temporary name and renamed, so a
+shard is complete or absent; temporaries a killed run left behind are removed by the next run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import json
 import logging
 import os
+import socket
 import tarfile
 import time
 import uuid
@@ -24,31 +27,58 @@ from PIL import Image
 
 from pipeline.data.readers import ClassInfo, RawRecord, RawSplit, read_split
 from pipeline.data.settings import DatasetSettings, PreprocessSettings
-from pipeline.data.shards import MANIFEST_NAME, SCHEMA_VERSION, encode_sample
+from pipeline.data.shards import (
+    CHECKSUM_KEY,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    ChecksumWriter,
+    ShardError,
+    encode_sample,
+    printable,
+    verify_shard,
+)
 from pipeline.data.targets import BadSampleError, encode_panoptic, rgb_to_ids
 
 log = logging.getLogger(__name__)
 DONE_SUFFIX = ".done.json"
+TEMPORARY_MARKER = ".tmp-"
+ORPHAN_AGE_SECONDS = 3600
+"""A temporary file of another machine's writer is taken for an orphan once untouched this long."""
 
 
 class PreprocessError(RuntimeError):
-    """Bad input met with on_error: fail; the message names the file and the reason."""
+    """Bad input met with on_error: fail, or a split with nothing to write; the message names the file or
+    split and the reason."""
 
 
 @dataclass(frozen=True)
 class ShardPlan:
     name: str
     records: tuple[RawRecord, ...]
-
-    @property
-    def fingerprint(self) -> str:
-        """Identifies the shard's inputs, so a resumed run never reuses a shard planned differently."""
-        joined = "\n".join(f"{r.image_id}|{r.image_path}|{r.panoptic_path}" for r in self.records)
-        return hashlib.sha256(joined.encode()).hexdigest()
+    fingerprint: str = ""
+    """Identifies what the shard is made of (records, input file sizes and modification times), so a re-run
+    reuses a shard only when none of it changed."""
 
 
-def _input_bytes(record: RawRecord) -> int:
-    return sum(os.path.getsize(p) if os.path.exists(p) else 0 for p in (record.image_path, record.panoptic_path))
+def _file_state(path: str) -> list[int] | None:
+    """[size, mtime in ns] of an input file, None when it cannot be read (then it is bad input later)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _record_state(record: RawRecord) -> list:
+    """Everything about a record that its shard depends on. JSON with ensure_ascii keeps any name (also the
+    surrogate escapes of non-UTF-8 bytes) encodable."""
+    return [record.image_id, record.image_path, record.panoptic_path, record.height, record.width,
+            list(record.segments), _file_state(record.image_path), _file_state(record.panoptic_path)]
+
+
+def _fingerprint(states: list[list]) -> str:
+    document = json.dumps([SCHEMA_VERSION, states], ensure_ascii=True, sort_keys=True)
+    return hashlib.sha256(document.encode("ascii")).hexdigest()
 
 
 def plan_shards(split: RawSplit, target_shard_mb: float, max_images: int | None = None) -> list[ShardPlan]:
@@ -57,15 +87,22 @@ def plan_shards(split: RawSplit, target_shard_mb: float, max_images: int | None 
     target = target_shard_mb * 1e6
     plans: list[ShardPlan] = []
     current: list[RawRecord] = []
+    states: list[list] = []
     current_bytes = 0
+
+    def close_shard() -> None:
+        plans.append(ShardPlan(f"{split.name}-{len(plans):06d}.tar", tuple(current), _fingerprint(states)))
+
     for record in records:
+        state = _record_state(record)
         current.append(record)
-        current_bytes += _input_bytes(record)
+        states.append(state)
+        current_bytes += sum(file[0] for file in state[-2:] if file is not None)
         if current_bytes >= target:
-            plans.append(ShardPlan(f"{split.name}-{len(plans):06d}.tar", tuple(current)))
-            current, current_bytes = [], 0
+            close_shard()
+            current, states, current_bytes = [], [], 0
     if current:
-        plans.append(ShardPlan(f"{split.name}-{len(plans):06d}.tar", tuple(current)))
+        close_shard()
     return plans
 
 
@@ -78,7 +115,7 @@ def _encode_record(record: RawRecord, classes: ClassInfo, hasher) -> dict[str, b
         with open(record.panoptic_path, "rb") as handle:
             png_bytes = handle.read()
     except OSError as error:
-        raise BadSampleError(f"cannot read: {error}") from error
+        raise BadSampleError(f"cannot read: {printable(str(error))}") from error
     hasher.update(image_bytes)
     hasher.update(png_bytes)
     try:
@@ -86,20 +123,20 @@ def _encode_record(record: RawRecord, classes: ClassInfo, hasher) -> dict[str, b
             picture.load()
             image_format, (width, height) = picture.format, picture.size
     except Exception as error:  # PIL raises several types for truncated or foreign data
-        raise BadSampleError(f"corrupt image {record.image_path}: {error}") from error
+        raise BadSampleError(f"corrupt image {printable(record.image_path)}: {error}") from error
     if width == 0 or height == 0:
-        raise BadSampleError(f"empty image {record.image_path}")
+        raise BadSampleError(f"empty image {printable(record.image_path)}")
     try:
         with Image.open(io.BytesIO(png_bytes)) as png:
             ids = rgb_to_ids(np.asarray(png.convert("RGB")))
     except Exception as error:
-        raise BadSampleError(f"corrupt panoptic PNG {record.panoptic_path}: {error}") from error
+        raise BadSampleError(f"corrupt panoptic PNG {printable(record.panoptic_path)}: {error}") from error
     if ids.shape != (height, width):
         raise BadSampleError(f"image is {height}x{width} but its panoptic PNG is {ids.shape[0]}x{ids.shape[1]}")
     try:
         index_map, table = encode_panoptic(ids, record.segments, classes)
     except BadSampleError as error:
-        raise BadSampleError(f"{record.panoptic_path}: {error}") from error
+        raise BadSampleError(f"{printable(record.panoptic_path)}: {error}") from error
     image_ext = "png" if image_format == "PNG" else "jpg"
     if image_format not in ("PNG", "JPEG"):
         # Keep the member's extension truthful: other formats are re-encoded losslessly as PNG.
@@ -109,25 +146,67 @@ def _encode_record(record: RawRecord, classes: ClassInfo, hasher) -> dict[str, b
     return encode_sample(record.image_id, image_bytes, image_ext, height, width, index_map, table)
 
 
-def _write_tar(fs, path: str, samples: list[dict[str, bytes]]) -> int:
-    """Write a tar atomically (temporary name, then rename); returns its size in bytes."""
-    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
-    with fs.open(temporary, "wb") as handle, tarfile.open(fileobj=handle, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            key = sample["__key__"]
-            for extension in sorted(k for k in sample if k != "__key__"):
-                info = tarfile.TarInfo(f"{key}.{extension}")
-                info.size, info.mtime, info.mode = len(sample[extension]), 0, 0o644
-                tar.addfile(info, io.BytesIO(sample[extension]))
+def _temporary_name(path: str) -> str:
+    """A hidden name beside `path` saying who writes it (host, pid), so the next run can tell an orphan."""
+    writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
+    return f"{os.path.dirname(path)}/.{os.path.basename(path)}{TEMPORARY_MARKER}{writer}"
+
+
+def _write_tar(fs, path: str, samples: list[dict[str, bytes]]) -> dict:
+    """Write a tar atomically (temporary name, then rename); returns its {"bytes", "blake2b"}."""
+    temporary = _temporary_name(path)
+    with fs.open(temporary, "wb") as handle:
+        counted = ChecksumWriter(handle)
+        with tarfile.open(fileobj=counted, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                key = sample["__key__"]
+                for extension in sorted(k for k in sample if k != "__key__"):
+                    info = tarfile.TarInfo(f"{key}.{extension}")
+                    info.size, info.mtime, info.mode = len(sample[extension]), 0, 0o644
+                    tar.addfile(info, io.BytesIO(sample[extension]))
     fs.mv(temporary, path)
-    return fs.size(path)
+    return counted.checksum()
 
 
 def _write_json(fs, path: str, document: dict) -> None:
-    temporary = f"{os.path.dirname(path)}/.{os.path.basename(path)}.tmp-{uuid.uuid4().hex}"
+    temporary = _temporary_name(path)
     with fs.open(temporary, "w") as handle:
         json.dump(document, handle, indent=1)
     fs.mv(temporary, path)
+
+
+def _is_orphan(fs, path: str) -> bool:
+    """A temporary file whose writer is gone: a process of this host that no longer runs, or (another host's,
+    or an older naming) untouched for ORPHAN_AGE_SECONDS."""
+    writer = os.path.basename(path).rsplit(TEMPORARY_MARKER, 1)[-1].rsplit("-", 2)
+    if len(writer) == 3 and writer[0] == socket.gethostname() and writer[1].isdigit():
+        return not _process_exists(int(writer[1]))
+    try:
+        return time.time() - fs.modified(path).timestamp() > ORPHAN_AGE_SECONDS
+    except (NotImplementedError, OSError, AttributeError):  # a store without modification times: keep it
+        return False
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_orphan_temporaries(fs, root: str) -> list[str]:
+    """Delete the temporary files killed runs left in a split folder; returns their paths."""
+    removed = []
+    for path in fs.glob(f"{root}/.*{TEMPORARY_MARKER}*"):
+        if _is_orphan(fs, path):
+            fs.rm(path)
+            removed.append(path)
+    if removed:
+        log.info("removed %d temporary files of an interrupted run in %s", len(removed), printable(root))
+    return removed
 
 
 def write_shard(plan: ShardPlan, classes: ClassInfo, folder: str, on_error: str) -> dict:
@@ -140,7 +219,8 @@ def write_shard(plan: ShardPlan, classes: ClassInfo, folder: str, on_error: str)
         try:
             samples.append(_encode_record(record, classes, hasher))
         except BadSampleError as error:
-            problem = {"image_id": record.image_id, "file": record.image_path, "reason": str(error)}
+            problem = {"image_id": printable(record.image_id), "file": printable(record.image_path),
+                       "reason": str(error)}
             if on_error == "fail":
                 return {"name": plan.name, "error": problem}
             skipped.append(problem)
@@ -152,18 +232,29 @@ def write_shard(plan: ShardPlan, classes: ClassInfo, folder: str, on_error: str)
         "source_sha256": hasher.hexdigest(),
         "image_ids": [sample["__key__"] for sample in samples],
     }
-    done["bytes"] = _write_tar(fs, f"{root}/{plan.name}", samples)
+    done.update(_write_tar(fs, f"{root}/{plan.name}", samples))
     _write_json(fs, f"{root}/{plan.name}{DONE_SUFFIX}", done)
     return done
 
 
 def _finished(fs, root: str, plan: ShardPlan) -> dict | None:
+    """The done-record of a shard an earlier run wrote from exactly these inputs, if its tar is intact."""
     marker = f"{root}/{plan.name}{DONE_SUFFIX}"
     if not (fs.exists(marker) and fs.exists(f"{root}/{plan.name}")):
         return None
-    with fs.open(marker, "r") as handle:
-        done = json.load(handle)
-    return done if done.get("fingerprint") == plan.fingerprint else None
+    try:
+        with fs.open(marker, "r") as handle:
+            done = json.load(handle)
+    except ValueError:  # a damaged marker: write the shard again
+        return None
+    if done.get("fingerprint") != plan.fingerprint or CHECKSUM_KEY not in done:
+        return None
+    try:
+        verify_shard(fs, f"{root}/{plan.name}", done)
+    except ShardError as error:
+        log.warning("rewriting %s: %s", plan.name, error)
+        return None
+    return done
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -206,7 +297,7 @@ def _raise_bad_input(result: dict) -> None:
     if "error" in result:
         problem = result["error"]
         raise PreprocessError(
-            f"bad input {problem['file']} (image {problem['image_id']}): {problem['reason']} "
+            f"bad input {printable(problem['file'])} (image {printable(problem['image_id'])}): {problem['reason']} "
             "(set preprocess.on_error: skip to leave such samples out)"
         )
 
@@ -233,9 +324,13 @@ def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, spl
     """Write (or finish writing) one split's shards and manifest; returns the split's summary."""
     started = time.perf_counter()
     split = read_split(dataset, split_name)
+    if not split.records:
+        raise PreprocessError(f"split {split_name!r} has no images: {printable(split.annotation_json)} lists no "
+                              "annotations")
     folder = f"{settings.output.rstrip('/')}/{split_name}"
     fs, root = fsspec.core.url_to_fs(folder)
     fs.makedirs(root, exist_ok=True)
+    remove_orphan_temporaries(fs, root)
     plans = plan_shards(split, settings.target_shard_mb, settings.max_images)
     reused = {} if settings.overwrite else {p.name: d for p in plans if (d := _finished(fs, root, p))}
     todo = [plan for plan in plans if plan.name not in reused]
@@ -252,10 +347,16 @@ def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, spl
         "classes": split.classes.to_json(),
         "source": {"annotation_json": split.annotation_json, "sha256": _sha256_file(split.annotation_json)},
         "shards": [
-            {key: shard[key] for key in ("name", "num_samples", "bytes", "source_sha256")} for shard in shards
+            {key: shard[key] for key in ("name", "num_samples", "bytes", CHECKSUM_KEY, "source_sha256")}
+            for shard in shards
         ],
     }
     _write_json(fs, f"{root}/{MANIFEST_NAME}", manifest)
+    if not manifest["num_samples"]:
+        first = skipped[0]
+        raise PreprocessError(
+            f"split {split_name!r}: all {len(skipped)} images are bad input (reasons in "
+            f"{printable(root)}/{MANIFEST_NAME}); the first, {first['file']}: {first['reason']}")
     return {
         "split": split_name,
         "num_samples": manifest["num_samples"],

@@ -163,6 +163,12 @@ class StreamSettings(BaseModel):
     shuffle_shards: bool = Field(True, description="Shuffle shard order each epoch (seeded).")
     loader_workers: int = Field(2, ge=0, description="DataLoader worker processes per rank.")
     seed: int = Field(0, description="Seeds shard order, shuffle, augmentation and task sampling.")
+    on_error: Literal["fail", "skip"] = Field(
+        "skip",
+        description="A damaged shard (size or checksum not the manifest's, a tar that breaks off) or sample (does "
+        "not decode, segment map outside its table): 'skip' leaves it out, logged and counted by reason; "
+        "'fail' stops with the file and the problem.",
+    )
 
     @field_validator("crop_size", mode="before")
     @classmethod

@@ -8,8 +8,10 @@ Sample entries in a tar (WebDataset grouping by key):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
 import re
 from dataclasses import dataclass
 
@@ -24,8 +26,79 @@ MANIFEST_NAME = "manifest.json"
 IMAGE_EXTENSIONS = ("image.jpg", "image.png")
 
 
+CHECKSUM_KEY = "blake2b"
+"""The manifest's per-shard checksum field: hex blake2b (16-byte digest) of the whole tar, beside `bytes`."""
+
+
 class SchemaVersionError(RuntimeError):
     """Shards written by another schema version than this code reads."""
+
+
+class ShardError(RuntimeError):
+    """Shards that cannot be read as their manifest describes them; the message names the file."""
+
+
+class EmptySplitError(ShardError):
+    """A split with no sample to read."""
+
+
+class SegmentMapError(ValueError):
+    """A sample whose segment-index map does not fit its segment table."""
+
+
+def printable(name: str | bytes) -> str:
+    """A file name as it can be printed and logged: bytes a file system holds that are not UTF-8 (kept in a
+    str as surrogate escapes, os.fsdecode) are shown as \\xNN instead of failing to encode."""
+    try:
+        raw = name if isinstance(name, bytes) else os.fsencode(name)
+    except UnicodeEncodeError:  # a lone surrogate no file system produced: show the code point
+        return str(name).encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def new_checksum():
+    return hashlib.blake2b(digest_size=16)
+
+
+class ChecksumWriter:
+    """A binary file wrapper that counts and hashes every byte written through it (tarfile writes here)."""
+
+    def __init__(self, handle):
+        self.handle, self.digest, self.size = handle, new_checksum(), 0
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.handle.write(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def checksum(self) -> dict:
+        return {"bytes": self.size, CHECKSUM_KEY: self.digest.hexdigest()}
+
+
+def file_checksum(fs, path: str) -> dict:
+    """{"bytes", "blake2b"} of a file, read in 4 MB blocks."""
+    digest, size = new_checksum(), 0
+    with fs.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, CHECKSUM_KEY: digest.hexdigest()}
+
+
+def verify_shard(fs, path: str, entry: dict) -> None:
+    """Raise ShardError naming the file when it is absent, or its size or checksum is not the manifest's.
+    Manifests written before checksums existed have none: only the size is checked then."""
+    try:
+        size = fs.size(path)
+    except (FileNotFoundError, OSError) as error:
+        raise ShardError(f"shard {printable(path)} cannot be opened: {error}") from error
+    if size != entry["bytes"]:
+        raise ShardError(f"shard {printable(path)} has {size} bytes but the manifest says {entry['bytes']}")
+    if CHECKSUM_KEY in entry and file_checksum(fs, path)[CHECKSUM_KEY] != entry[CHECKSUM_KEY]:
+        raise ShardError(f"shard {printable(path)} does not match its manifest checksum (damaged since written)")
 
 
 def check_schema_version(found, where: str) -> None:
@@ -103,7 +176,7 @@ def decode_sample(raw: dict, keep_pil_image: bool = False) -> DecodedSample:
     if image_key is None or "seg.png" not in raw:
         raise ValueError(f"sample {raw.get('__key__')!r} lacks an image or seg.png member")
     picture = Image.open(io.BytesIO(raw[image_key]))
-    picture.load()
+    picture.load()  # decodes every pixel: truncated data raises here (PIL refuses truncated images by default)
     if picture.mode != "RGB":
         picture = picture.convert("RGB")
     index_map = decode_index_map(raw["seg.png"])
@@ -118,8 +191,20 @@ def decode_sample(raw: dict, keep_pil_image: bool = False) -> DecodedSample:
         isthing=np.asarray(meta["isthing"], bool),
         iscrowd=np.asarray(meta["iscrowd"], bool),
     )
+    check_segment_map(index_map, table, f"sample {raw.get('__key__')!r}")
     image = picture if keep_pil_image else np.asarray(picture)
     return DecodedSample(raw["__key__"], str(meta["image_id"]), image, index_map, table)
+
+
+def check_segment_map(index_map: np.ndarray, table: SegmentTable, where: str) -> None:
+    """A map value v > 0 is row v - 1 of the table: a larger value (a damaged seg.png) would index nothing
+    (evaluation) or silently drop pixels from every target (training)."""
+    rows = {len(table.segment_ids), len(table.classes), len(table.isthing), len(table.iscrowd)}
+    if len(rows) != 1:
+        raise SegmentMapError(f"{where}: the segment table's lists have different lengths {sorted(rows)}")
+    largest = int(index_map.max()) if index_map.size else 0
+    if largest > len(table):
+        raise SegmentMapError(f"{where}: segment map value {largest} but the segment table has {len(table)} rows")
 
 
 def read_manifest(fs, folder: str) -> dict:
@@ -128,9 +213,23 @@ def read_manifest(fs, folder: str) -> dict:
     if not fs.exists(path):
         raise FileNotFoundError(f"no shard manifest at {path}: run preprocessing for this split first")
     with fs.open(path, "r") as handle:
-        manifest = json.load(handle)
+        try:
+            manifest = json.load(handle)
+        except ValueError as error:
+            raise ShardError(f"{path} is not valid JSON ({error}): re-run preprocessing for this split") from error
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path} is not a shard manifest (a JSON object): re-run preprocessing for this split")
     check_schema_version(manifest.get("schema_version"), path)
     return manifest
+
+
+def check_not_empty(manifest: dict, folder: str) -> None:
+    """Fail fast on a split with nothing to read (a stream over it would wait forever for a first batch)."""
+    if not manifest.get("num_samples"):
+        skipped = manifest.get("num_skipped", 0)
+        why = f"all {skipped} of its images were skipped as bad input" if skipped else "it has no images"
+        raise EmptySplitError(f"split {manifest.get('split')!r} at {folder} has no samples ({why}; see its "
+                              f"{MANIFEST_NAME})")
 
 
 def manifest_classes(manifest: dict) -> ClassInfo:

@@ -11,13 +11,22 @@ Resuming: each batch carries the position (epoch, raw-sample index) of its worke
 `ResumableLoader` records the position of every batch it hands to the trainer; its state_dict goes in the
 checkpoint, and after load_state_dict each worker replays its stream up to that position without decoding,
 so no sample is repeated or skipped.
+
+Nothing is left out uncounted: a shard whose size or checksum differs from the manifest is skipped whole, a
+tar that breaks off (damaged header, truncated file) costs the samples the manifest says it holds beyond those
+read, and a sample that does not decode completely or whose segment map points outside its segment table is
+skipped; each is logged with the file and counted by reason in the batch positions (`ResumableLoader.skipped`,
+`skip_reasons`). With on_error "fail" the first such problem raises ShardError instead. A split with no sample
+fails when the stream is made (EmptySplitError); a training stream whose worker reads no sample in a whole
+epoch fails rather than waiting forever.
 """
 
 from __future__ import annotations
 
 import logging
+import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import fsspec
@@ -31,14 +40,25 @@ from pipeline.data.augment import PIXEL_MEAN, AugmentParams, augment
 from pipeline.data.settings import CROP_CANVAS_PRESETS, StreamSettings
 from pipeline.data.shards import (
     DecodedSample,
+    EmptySplitError,
     SchemaVersionError,
+    SegmentMapError,
+    ShardError,
+    check_not_empty,
     decode_sample,
     manifest_classes,
+    printable,
     read_manifest,
+    verify_shard,
 )
 from pipeline.data.targets import plan_targets, render_masks
 
 log = logging.getLogger(__name__)
+
+SKIP_DAMAGED_SHARD = "damaged shard"
+SKIP_BROKEN_TAR = "tar breaks off"
+SKIP_BAD_SEGMENT_MAP = "segment map outside its table"
+SKIP_UNDECODABLE = "undecodable sample"
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -68,15 +88,34 @@ def split_shards(shards: list[str], part: int, num_parts: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- raw samples
-def _open_tar(url: str):
-    """An fsspec stream for a shard (local path or any fsspec URL)."""
-    return fsspec.open(url, "rb").open()
+def _tar_samples(fs, path: str, url: str) -> Iterator[dict]:
+    """One shard's members grouped into samples by WebDataset's own expander and grouper; any read error
+    propagates (the caller counts what it cost)."""
+    with fs.open(path, "rb") as handle:
+        yield from wds.tariterators.group_by_keys(
+            wds.tariterators.tar_file_expander([{"url": url, "stream": handle}]))
 
 
-def _raw_samples(urls: list[str]) -> Iterator[dict]:
-    """Tar members grouped into samples by WebDataset's own expander and grouper."""
-    streams = ({"url": url, "stream": _open_tar(url)} for url in urls)
-    yield from wds.tariterators.group_by_keys(wds.tariterators.tar_file_expander(streams))
+@dataclass
+class SkipTally:
+    """What one worker's stream left out so far, counted by reason; each event is logged with its file.
+    `counting` is off while a resumed stream replays up to its checkpoint, whose counts it starts from."""
+
+    reasons: dict[str, int] = field(default_factory=dict)
+    on_error: str = "skip"
+    counting: bool = True
+
+    @property
+    def total(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, reason: str, count: int, detail: str) -> None:
+        if self.on_error == "fail":
+            raise ShardError(f"{detail} (stream.on_error is 'fail'; 'skip' leaves such samples out, counted)")
+        if count <= 0 or not self.counting:
+            return
+        self.reasons[reason] = self.reasons.get(reason, 0) + count
+        log.warning("skipping %d sample(s), %s: %s (%d skipped so far)", count, reason, detail, self.total)
 
 
 def _shuffled(samples: Iterator, buffer_size: int, rng: np.random.Generator) -> Iterator:
@@ -131,8 +170,9 @@ class StreamPosition:
 class _WorkerCursor:
     epoch: int
     index: int
-    skipped: int = 0
+    tally: SkipTally
     pending: list = field(default_factory=list)
+    reported: int = 0  # the skip count the last emitted position carried
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -141,9 +181,10 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
 
     Training batches: images float32 [B, 3, H, W] (0-255, padded), tasks list[str], targets list of
     {"labels" int64 [T], "masks" bool [T, H, W]}, text_tokens int64 [B, num_text_slots, 77], image_ids,
-    image_sizes (valid h, w after augmentation) and position (worker, epoch, index, skipped).
+    image_sizes (valid h, w after augmentation) and position (worker, epoch, index, skipped, skip_reasons).
     Evaluation batches (`training=False`): no augmentation, original sizes, no task targets; instead
-    index_maps (int64 [h, w], 0 = void) and segment tables for scoring.
+    index_maps (int64 [h, w], 0 = void) and segment tables for scoring. A pass that ends with skips no batch
+    has reported yet yields a last `{"position": ..., "status_only": True}` (ResumableLoader keeps it to itself).
     """
 
     def __init__(
@@ -164,15 +205,20 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         repeat: bool | None = None,
+        on_error: str = "skip",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if training and augment_params is None:
             raise ValueError("augment_params is required when training=True (use preset 'none' for none)")
+        if on_error not in ("skip", "fail"):
+            raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
         fs, root = fsspec.core.url_to_fs(shard_folder)
-        self.manifest = read_manifest(fs, shard_folder)
+        self.manifest = read_manifest(fs, root)
+        check_not_empty(self.manifest, shard_folder)
         self.classes = manifest_classes(self.manifest)
         self.shard_urls = [f"{shard_folder.rstrip('/')}/{shard['name']}" for shard in self.manifest["shards"]]
+        self.on_error = on_error
         self.training, self.augment_params, self.batch_size = training, augment_params, batch_size
         self.num_text_slots, self.task_thresholds = num_text_slots, task_thresholds
         self.shuffle_buffer = shuffle_buffer if training else 1
@@ -182,22 +228,53 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.repeat = training if repeat is None else repeat
         self.resume_positions: dict[int, StreamPosition] = {}
+        self.resume_skips: dict[int, dict[str, int]] = {}
         self._tokens: TextTokenTable | None = None
 
     # ---- the per-worker raw stream
-    def _epoch_urls(self, epoch: int) -> list[str]:
-        urls = list(self.shard_urls)
+    def _epoch_shards(self, epoch: int) -> list[tuple[str, dict]]:
+        shards = list(zip(self.shard_urls, self.manifest["shards"]))
         if self.shuffle_shards:
-            np.random.default_rng([self.seed, epoch, 1]).shuffle(urls)
-        return urls
+            np.random.default_rng([self.seed, epoch, 1]).shuffle(shards)
+        return shards
 
-    def _epoch_raw(self, epoch: int, part: int, num_parts: int) -> Iterator[dict]:
-        urls = self._epoch_urls(epoch)
-        if len(urls) >= num_parts:
-            samples = _raw_samples(split_shards(urls, part, num_parts))
+    def _epoch_raw(self, epoch: int, part: int, num_parts: int, tally: SkipTally | None = None) -> Iterator[dict]:
+        tally = tally or SkipTally(on_error=self.on_error)
+        shards = self._epoch_shards(epoch)
+        if len(shards) >= num_parts:
+            samples = self._read_shards(split_shards(shards, part, num_parts), tally, lambda position: True)
         else:  # fewer shards than workers: every worker reads all, keeps every num_parts-th sample
-            samples = (s for i, s in enumerate(_raw_samples(urls)) if i % num_parts == part)
+            samples = self._read_shards(shards, tally, lambda position: position % num_parts == part)
         return _shuffled(samples, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, part, 2]))
+
+    def _read_shards(self, shards: list[tuple[str, dict]], tally: SkipTally,
+                     keep: Callable[[int], bool]) -> Iterator[dict]:
+        """The kept samples of the shards in order. A sample's position is its place by the manifest's counts,
+        so a lost shard moves no other sample to another worker, and each lost sample is counted by the one
+        worker that would have read it."""
+        offset = 0
+        for url, entry in shards:
+            yield from self._shard_samples(url, entry, offset, tally, keep)
+            offset += entry["num_samples"]
+
+    def _shard_samples(self, url: str, entry: dict, offset: int, tally: SkipTally,
+                       keep: Callable[[int], bool]) -> Iterator[dict]:
+        expected, read = entry["num_samples"], 0
+        reason = SKIP_BROKEN_TAR
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            verify_shard(fs, path, entry)
+            for sample in _tar_samples(fs, path, url):
+                if keep(offset + read):
+                    yield sample
+                read += 1
+            problem = f"{printable(url)} ends after {read} of the {expected} samples of its manifest"
+        except ShardError as error:
+            reason, problem = SKIP_DAMAGED_SHARD, str(error)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as error:  # what tarfile and fsspec raise
+            problem = f"{printable(url)} breaks off after {read} of its {expected} samples ({error})"
+        if read < expected:
+            tally.add(reason, sum(map(keep, range(offset + read, offset + expected))), problem)
 
     def layout(self) -> tuple[int, int, int]:
         worker, num_workers = worker_id_and_count()
@@ -247,55 +324,79 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         part, num_parts, _ = self.layout()
         start = self.resume_positions.get(part, StreamPosition())
-        cursor = _WorkerCursor(start.epoch, start.index)
+        tally = SkipTally(dict(self.resume_skips.get(part, {})), self.on_error)
+        cursor = _WorkerCursor(start.epoch, start.index, tally, reported=tally.total)
         while True:
-            for index, raw in enumerate(self._epoch_raw(cursor.epoch, part, num_parts)):
+            used, resumed = 0, cursor.index > 0
+            tally.counting = cursor.index == 0  # a shard lost before the resume position was counted then
+            for index, raw in enumerate(self._epoch_raw(cursor.epoch, part, num_parts, tally)):
+                tally.counting = index + 1 >= cursor.index
                 if index < cursor.index:
                     continue  # replaying up to the resume position: no decoding
                 cursor.index = index + 1
                 sample = self._decode_or_skip(raw, cursor)
                 if sample is not None:
                     cursor.pending.append(sample)
+                    used += 1
                 if len(cursor.pending) == self.batch_size:
                     yield self._emit(cursor, part)
+            self._check_epoch_not_empty(used, resumed, cursor, part)
             cursor.epoch, cursor.index = cursor.epoch + 1, 0
             if not self.repeat:
                 break
         if cursor.pending:
             yield self._emit(cursor, part, end_of_epoch=True)
+        elif tally.total != cursor.reported:
+            yield {"position": self._position(cursor, part, end_of_epoch=True), "status_only": True}
+
+    def _check_epoch_not_empty(self, used: int, resumed: bool, cursor: _WorkerCursor, part: int) -> None:
+        """A repeating stream that read nothing in a whole epoch would read nothing forever."""
+        if not self.repeat or used or resumed:
+            return
+        raise EmptySplitError(
+            f"training stream part {part} of split {self.manifest.get('split')!r} read no sample in epoch "
+            f"{cursor.epoch} ({cursor.tally.total} skipped: {cursor.tally.reasons or 'none'}; the split has "
+            f"{self.manifest['num_samples']} samples in {len(self.shard_urls)} shards)")
 
     def _decode_or_skip(self, raw: dict, cursor: _WorkerCursor) -> dict | None:
         try:
             return self._prepare(decode_sample(raw, keep_pil_image=self.training), cursor.epoch)
         except SchemaVersionError:
             raise
+        except SegmentMapError as error:
+            cursor.tally.add(SKIP_BAD_SEGMENT_MAP, 1, f"{printable(raw.get('__url__', '?'))}: {error}")
         except Exception as error:  # a corrupt member raises from PIL, zlib or json; count it and go on
-            cursor.skipped += 1
-            log.warning("skipping unreadable sample %r of %s (%s skipped so far): %s",
-                        raw.get("__key__"), raw.get("__url__"), cursor.skipped, error)
-            return None
+            cursor.tally.add(SKIP_UNDECODABLE, 1, f"skipping unreadable sample {raw.get('__key__')!r} of "
+                                                  f"{printable(raw.get('__url__', '?'))}: {error}")
+        return None
+
+    def _position(self, cursor: _WorkerCursor, part: int, end_of_epoch: bool = False) -> dict:
+        epoch, index = (cursor.epoch, 0) if end_of_epoch else (cursor.epoch, cursor.index)
+        cursor.reported = cursor.tally.total
+        return {"worker": part, "epoch": epoch, "index": index, "skipped": cursor.tally.total,
+                "skip_reasons": dict(cursor.tally.reasons)}
 
     def _emit(self, cursor: _WorkerCursor, part: int, end_of_epoch: bool = False) -> dict:
-        epoch, index = (cursor.epoch, 0) if end_of_epoch else (cursor.epoch, cursor.index)
-        position = {"worker": part, "epoch": epoch, "index": index, "skipped": cursor.skipped}
+        position = self._position(cursor, part, end_of_epoch)
         batch, cursor.pending = self._collate(cursor.pending, position), []
         return batch
 
 
 class ResumableLoader:
-    """A DataLoader over a PanopticShardStream that knows, per worker, how far the trainer has consumed;
-    `state_dict()` belongs in the trainer's checkpoint."""
+    """A DataLoader over a PanopticShardStream that knows, per worker, how far the trainer has consumed and
+    what was skipped so far; `state_dict()` belongs in the trainer's checkpoint."""
 
     def __init__(self, stream: PanopticShardStream, num_workers: int):
         self.stream, self.num_workers = stream, num_workers
         self.positions: dict[int, StreamPosition] = {}
-        self.skipped: dict[int, int] = {}
+        self.worker_skips: dict[int, dict[str, int]] = {}
 
     def _layout(self) -> dict:
         return {"world_size": self.stream.world_size, "num_workers": self.num_workers, "seed": self.stream.seed}
 
     def __iter__(self) -> Iterator[dict]:
         self.stream.resume_positions = dict(self.positions)
+        self.stream.resume_skips = {worker: dict(reasons) for worker, reasons in self.worker_skips.items()}
         loader = torch.utils.data.DataLoader(
             self.stream, batch_size=None, num_workers=self.num_workers,
             persistent_workers=False, multiprocessing_context="fork" if self.num_workers else None,
@@ -303,16 +404,28 @@ class ResumableLoader:
         for batch in loader:
             position = batch["position"]
             self.positions[position["worker"]] = StreamPosition(position["epoch"], position["index"])
-            self.skipped[position["worker"]] = position["skipped"]
-            yield batch
+            self.worker_skips[position["worker"]] = dict(position["skip_reasons"])
+            if not batch.get("status_only"):
+                yield batch
 
     @property
     def num_skipped(self) -> int:
-        return sum(self.skipped.values())
+        """Samples left out so far over every worker of this rank."""
+        return sum(self.skip_reasons.values())
+
+    @property
+    def skip_reasons(self) -> dict[str, int]:
+        """Samples left out so far over every worker of this rank, by reason."""
+        total: dict[str, int] = {}
+        for reasons in self.worker_skips.values():
+            for reason, count in reasons.items():
+                total[reason] = total.get(reason, 0) + count
+        return dict(sorted(total.items()))
 
     def state_dict(self) -> dict:
         positions = {str(w): [p.epoch, p.index] for w, p in self.positions.items()}
-        return {"layout": self._layout(), "positions": positions, "skipped": dict(self.skipped)}
+        return {"layout": self._layout(), "positions": positions,
+                "skip_reasons": {str(w): dict(r) for w, r in self.worker_skips.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state["layout"] != self._layout():
@@ -321,7 +434,10 @@ class ResumableLoader:
                 f"{self._layout()}; resume with the same world size, loader workers and seed"
             )
         self.positions = {int(w): StreamPosition(*p) for w, p in state["positions"].items()}
-        self.skipped = {int(w): n for w, n in state.get("skipped", {}).items()}
+        if "skip_reasons" in state:
+            self.worker_skips = {int(w): dict(r) for w, r in state["skip_reasons"].items()}
+        else:  # a checkpoint from before skips had reasons: one count per worker
+            self.worker_skips = {int(w): {SKIP_UNDECODABLE: n} for w, n in state.get("skipped", {}).items() if n}
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -365,19 +481,20 @@ def build_train_loader(settings: StreamSettings, inputs: ModelInputs, shard_fold
         task_thresholds=settings.task_thresholds, shuffle_buffer=settings.shuffle_buffer,
         shuffle_shards=settings.shuffle_shards, seed=settings.seed, image_pad_value=training_pad_value(settings),
         size_divisibility=inputs.size_divisibility, canvas=training_canvas(settings), rank=rank, world_size=world_size,
+        on_error=settings.on_error,
     )
     return ResumableLoader(stream, settings.loader_workers)
 
 
 def build_eval_loader(shard_folder: str, inputs: ModelInputs, rank: int, world_size: int, batch_size: int = 1,
-                      loader_workers: int = 0) -> ResumableLoader:
+                      loader_workers: int = 0, on_error: str = "skip") -> ResumableLoader:
     """One pass over a split without augmentation at original sizes, split across ranks; images are padded
-    with the pixel mean (0 after the model normalises)."""
+    with the pixel mean (0 after the model normalises). What it skips: `ResumableLoader.skip_reasons`."""
     _check_rank(rank, world_size)
     stream = PanopticShardStream(
         shard_folder, training=False, augment_params=None, batch_size=batch_size,
         num_text_slots=inputs.num_text_slots, image_pad_value=inputs.pixel_mean,
-        size_divisibility=inputs.size_divisibility, rank=rank, world_size=world_size,
+        size_divisibility=inputs.size_divisibility, rank=rank, world_size=world_size, on_error=on_error,
     )
     return ResumableLoader(stream, loader_workers)
 
