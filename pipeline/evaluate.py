@@ -5,7 +5,7 @@
     python -m pipeline.evaluate semantic --gt-folder D --pred-folder D --num-classes K [--ignore-label 255]
     python -m pipeline.evaluate model --checkpoint model.pt --shards DIR [--classes classes.json]
         [--metrics pq ap miou] [--num-workers N] [--max-images M] [--multiscale] [--test-size SHORT MAX | none]
-        [--out DIR] [--json-out F]
+        [--out DIR] [--json-out F] [--on-error skip|fail]
 
 panoptic: COCO panoptic PNG + JSON on both sides; PQ/SQ/RQ identical to panopticapi's pq_compute, and
 --json-out writes the same structure it returns. instance: ground truth as COCO instances JSON, or COCO
@@ -15,7 +15,9 @@ model: runs a model file (model/checkpoint.py) on a split's shards at the offici
 (or --test-size), over N Ray workers when --num-workers N > 1 (pipeline/evaluation/runner.py); --out
 receives the predictions in the three formats above (re-scorable by the other subcommands), pictures and
 metrics.json (pipeline/evaluation/report.py).
-Bad input exits with status 2 and a message naming the image and the problem.
+Bad input (a missing, non-JSON or wrongly shaped JSON file, an unreadable PNG, an empty split, a split of which
+no image can be read) exits with status 2 and one line naming the file or image and the problem; damaged shards
+and samples of a model evaluation are skipped and counted (num_skipped, by reason) unless --on-error fail.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.data.shards import SchemaVersionError, ShardError
 from pipeline.evaluation.instance import instance_ap_compute
 from pipeline.evaluation.panoptic import pq_compute
 from pipeline.evaluation.panoptic_format import EvaluationInputError, load_json
@@ -61,6 +64,7 @@ def run_model(args) -> tuple[dict, list[Table]]:
         args.checkpoint, args.shards, classes=args.classes, metrics=args.metrics, num_workers=args.num_workers,
         max_images=args.max_images, batch_size=args.batch_size, multiscale=args.multiscale,
         test_size=_test_size(args.test_size), out=args.out, pictures=args.pictures, device=args.device,
+        on_error=args.on_error,
     )
     return result, model_tables(result)
 
@@ -90,6 +94,8 @@ def _add_model_parser(tasks) -> argparse.ArgumentParser:
     model.add_argument("--out", default=None, help="folder for predictions, pictures and metrics.json")
     model.add_argument("--pictures", type=int, default=4, help="example images per task drawn under --out")
     model.add_argument("--device", default=None, help="cpu or cuda; default: cuda when available")
+    model.add_argument("--on-error", choices=("skip", "fail"), default="skip",
+                       help="damaged shards and samples: skip (logged, counted by reason) or fail")
     model.set_defaults(run=run_model)
     return model
 
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         results, tables = args.run(args)
-    except (EvaluationInputError, ValueError, FileNotFoundError) as error:
+    except (EvaluationInputError, ValueError, FileNotFoundError, ShardError, SchemaVersionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for table in tables:

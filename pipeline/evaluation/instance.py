@@ -146,7 +146,8 @@ def instance_ap_compute(
 ) -> dict:
     """AP of COCO results against ground truth given as COCO instances JSON or COCO panoptic JSON (detected
     by "segments_info" in its annotations; its PNGs in gt_folder, by default the JSON path without .json)."""
-    gt_json, results = load_json(gt_json_file), load_json(results_json_file)
+    gt_json = load_json(gt_json_file, keys=("annotations", "categories"))
+    results = load_json(results_json_file, expected=(list, dict))
     if isinstance(results, dict) and "annotations" in results:
         results = results["annotations"]
     if not isinstance(results, list):
@@ -155,6 +156,8 @@ def instance_ap_compute(
         gt_json = panoptic_to_coco_instances(
             gt_json, default_folder(gt_json_file) if gt_folder is None else gt_folder
         )
+    elif "images" not in gt_json:
+        raise EvaluationInputError(f"{gt_json_file} lacks the keys ['images'] of a COCO instances file")
     return evaluate_segm(gt_json, results)
 
 

@@ -360,7 +360,8 @@ def pq_compute(
 
     num_threads > 1 decodes PNGs in that many threads (Pillow releases the GIL while decoding) while the
     calling thread accumulates; the statistics are the same for any value."""
-    gt_json, pred_json = load_json(gt_json_file), load_json(pred_json_file)
+    gt_json = load_json(gt_json_file, keys=("annotations", "categories"))
+    pred_json = load_json(pred_json_file, keys=("annotations",))
     gt_folder = default_folder(gt_json_file) if gt_folder is None else Path(gt_folder)
     pred_folder = default_folder(pred_json_file) if pred_folder is None else Path(pred_folder)
     for folder, side in ((gt_folder, "ground truth"), (pred_folder, "prediction")):

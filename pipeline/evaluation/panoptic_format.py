@@ -47,12 +47,15 @@ def read_panoptic_png(path: str | Path, out: np.ndarray | None = None) -> np.nda
 
     Pillow keeps RGB pixels as 4 bytes in memory, so read as little-endian uint32 each pixel is
     R + 256 G + 256^2 B plus a padding byte, which one mask clears: no per-channel arithmetic."""
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if image.mode not in ("RGB", "RGBA"):
             raise EvaluationInputError(f"{path}: panoptic PNG must be RGB, got mode {image.mode}")
-        if image.mode == "RGBA":
-            image = image.convert("RGB")
-        image.load()
+        try:
+            if image.mode == "RGBA":
+                image = image.convert("RGB")
+            image.load()
+        except OSError as error:  # truncated or damaged pixel data
+            raise EvaluationInputError(f"{path} is not a readable image: {error}") from error
         shape = (image.height, image.width)
         if out is None or out.shape != shape or out.dtype != np.uint32 or not out.flags.c_contiguous:
             out = np.empty(shape, dtype=np.uint32)
@@ -116,12 +119,33 @@ def write_panoptic_png(path: str | Path, ids: np.ndarray) -> None:
     Image.fromarray(ids_to_rgb(ids)).save(path)
 
 
-def load_json(path: str | Path) -> dict:
+def load_json(path: str | Path, expected: type | tuple[type, ...] = dict, keys: Sequence[str] = ()) -> dict | list:
+    """A JSON file holding an `expected` (object and/or list) with the top-level `keys`; anything else is an
+    EvaluationInputError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise EvaluationInputError(f"JSON file {path} does not exist")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, "rb") as f:
+            document = json.load(f)
+    except ValueError as error:  # JSONDecodeError, or bytes that are not UTF-8
+        raise EvaluationInputError(f"{path} is not a JSON file: {error}") from error
+    if not isinstance(document, expected):
+        names = {dict: "object", list: "list"}
+        wanted = " or ".join(names.get(kind, kind.__name__) for kind in (expected if isinstance(expected, tuple) else (expected,)))
+        raise EvaluationInputError(f"{path} must hold a JSON {wanted}, not a {names.get(type(document), type(document).__name__)}")
+    missing = [key for key in keys if key not in document] if isinstance(document, dict) else []
+    if missing:
+        raise EvaluationInputError(f"{path} lacks the keys {missing}")
+    return document
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Image.open that names the file when it is not an image (PIL raises OSError subclasses)."""
+    try:
+        return Image.open(path)
+    except OSError as error:
+        raise EvaluationInputError(f"{path} is not a readable image: {error}") from error
 
 
 def default_folder(json_file: str | Path) -> Path:

@@ -103,7 +103,9 @@ def semantic_table(results: dict) -> list[Table]:
 def model_tables(result: dict) -> list[Table]:
     """The headline numbers of a model evaluation (runner.evaluate_model's result), then each task's tables
     (classes named, keyed by contiguous id)."""
-    headline = Table(title=f"Model evaluation: {result['num_images']} images in {result['seconds']:.1f} s")
+    skipped = result.get("num_skipped", 0)
+    left_out = f", {skipped} skipped ({', '.join(f'{n} {why}' for why, n in result['skipped'].items())})" if skipped else ""
+    headline = Table(title=f"Model evaluation: {result['num_images']} images{left_out} in {result['seconds']:.1f} s")
     for name in result["summary"]:
         headline.add_column(name, justify="right")
     headline.add_row(*(f"{value:.2f}" for value in result["summary"].values()))
@@ -250,14 +252,15 @@ def write_predictions(results: PartialResults) -> dict[str, Path]:
 
 def write_outputs(results: PartialResults, result: dict, out: str | os.PathLike) -> dict[str, str]:
     """Everything of a model evaluation under `out`: the prediction JSON files (when the results kept
-    predictions), pictures/ and metrics.json (`result`'s summary, details, num_images, classes)."""
+    predictions), pictures/ and metrics.json (`result`'s summary, details, num_images, num_skipped, skipped,
+    classes)."""
     out = Path(out)
     files = {name: str(path) for name, path in write_predictions(results).items()} if results.files else {}
     for path in save_pictures(results, out / "pictures", result["details"]):
         files[f"pictures/{path.name}"] = str(path)
     metrics_file = out / "metrics.json"
     metrics_file.parent.mkdir(parents=True, exist_ok=True)
-    metrics_file.write_text(json.dumps({key: result[key] for key in ("summary", "details", "num_images", "classes")},
-                                       indent=1))
+    keys = ("summary", "details", "num_images", "num_skipped", "skipped", "classes")
+    metrics_file.write_text(json.dumps({key: result[key] for key in keys if key in result}, indent=1))
     files["metrics"] = str(metrics_file)
     return files

@@ -152,6 +152,11 @@ class PartialResults:
         self.examples: dict[str, list[dict]] = {TASK_OF_METRIC[m]: [] for m in metrics}
         self.files = None if options.predictions_folder is None else report.PredictionFiles(options.predictions_folder, classes)
         self.num_images = 0
+        self.skipped: dict[str, int] = {}  # samples the stream left out, by reason (pipeline.data.stream)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(self.skipped.values())
 
     # ------------------------------------------------------------------------------------------ batches
     def add_batch(self, model: torch.nn.Module, batch: dict) -> None:
@@ -233,6 +238,9 @@ class PartialResults:
         if self.files is not None:
             self.files.merge(other.files)
         self.num_images += other.num_images
+        for reason, count in other.skipped.items():
+            self.skipped[reason] = self.skipped.get(reason, 0) + count
+        self.skipped = dict(sorted(self.skipped.items()))
         return self
 
     # ------------------------------------------------------------------------------------------ results
@@ -262,7 +270,8 @@ def merge_parts(parts: Sequence[PartialResults]) -> PartialResults:
 def evaluate(model: torch.nn.Module, loader: Iterable[dict], options: EvaluationOptions, *,
              max_images: int | None = None, report_progress: Callable[[int], None] | None = None) -> PartialResults:
     """PartialResults of `model` (eval mode, on its device) over the batches of `loader`, stopping after
-    `max_images` images; `report_progress(n)` after every n images."""
+    `max_images` images; `report_progress(n)` after every n images. What the loader skipped (its
+    `skip_reasons`, pipeline.data.stream.ResumableLoader) is carried in `results.skipped`."""
     results = PartialResults(options)
     for batch in loader:
         if max_images is not None:
@@ -272,6 +281,7 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], options: Evaluation
         results.add_batch(model, batch)
         if report_progress is not None:
             report_progress(len(batch["image_ids"]))
+    results.skipped = dict(getattr(loader, "skip_reasons", {}))
     return results
 
 
@@ -300,6 +310,7 @@ class EvaluationRequest:
     batch_size: int = 1
     device: str = "cpu"
     threads: int = 1
+    on_error: str = "skip"
 
 
 def read_classes(shards: str, classes_file: str | os.PathLike | None = None) -> ClassInfo:
@@ -307,7 +318,7 @@ def read_classes(shards: str, classes_file: str | os.PathLike | None = None) -> 
     The manifest is required either way: without it there is nothing to evaluate."""
     import fsspec
 
-    from pipeline.data.shards import MANIFEST_NAME, manifest_classes, read_manifest
+    from pipeline.data.shards import MANIFEST_NAME, check_not_empty, manifest_classes, read_manifest
 
     fs, root = fsspec.core.url_to_fs(shards)
     if not fs.exists(f"{root.rstrip('/')}/{MANIFEST_NAME}"):
@@ -315,6 +326,7 @@ def read_classes(shards: str, classes_file: str | os.PathLike | None = None) -> 
         hint = f"; it has split folders {sorted(splits)}: pass one of them" if splits else ""
         raise FileNotFoundError(f"shards folder {shards} has no {MANIFEST_NAME} (run preprocessing first){hint}")
     manifest = read_manifest(fs, root)
+    check_not_empty(manifest, str(shards))
     if classes_file is None:
         return manifest_classes(manifest)
     path = Path(classes_file)
@@ -332,7 +344,8 @@ def evaluate_part(request: EvaluationRequest, part: int, num_parts: int,
     torch.set_num_threads(request.threads)
     model = load_model(request.checkpoint, training=False).to(torch.device(request.device))
     inputs = ModelInputs.from_config(read_config(request.checkpoint))
-    loader = build_eval_loader(request.shards, inputs, rank=part, world_size=num_parts, batch_size=request.batch_size)
+    loader = build_eval_loader(request.shards, inputs, rank=part, world_size=num_parts, batch_size=request.batch_size,
+                               on_error=request.on_error)
     return evaluate(model, loader, request.options, max_images=split_quota(request.max_images, part, num_parts),
                     report_progress=report_progress)
 
@@ -401,18 +414,21 @@ def evaluate_model(
     device: str | None = None,
     threads_per_worker: int = 1,
     progress: bool = True,
+    on_error: str = "skip",
 ) -> dict:
     """Evaluate `checkpoint` on the split folder `shards` (the one holding manifest.json).
 
     test_size: None scores at the official test size of the model config's dataset, "none" at each image's
     own size, (short, max) at that ResizeShortestEdge (model.inference.resolve_inference_size).
+    on_error: "skip" leaves out (and counts by reason) damaged shards and samples, "fail" stops at the first.
     Returns {"summary": flat headline numbers in percent, "details": per-task results (PartialResults.
-    compute_details), "num_images", "seconds", "classes": names by contiguous id, "test_size": [short, max]
-    or None, "files": what was written under `out`}. Bad input (missing file, shards without manifest, class
-    count not matching the model, bad test size) raises FileNotFoundError or ValueError naming it, before
-    any worker starts."""
+    compute_details), "num_images", "num_skipped", "skipped" (count by reason), "seconds", "classes": names by
+    contiguous id, "test_size": [short, max] or None, "files": what was written under `out`}. Bad input
+    (missing file, shards without manifest, an empty split, class count not matching the model, bad test size)
+    raises FileNotFoundError, ValueError or ShardError naming it, before any worker starts; a split of which
+    no image could be read raises ShardError."""
     request = _build_request(checkpoint, shards, classes, metrics, num_workers, max_images, batch_size, multiscale,
-                             multiscale_scales, test_size, out, pictures, device, threads_per_worker)
+                             multiscale_scales, test_size, out, pictures, device, threads_per_worker, on_error)
     started = time.perf_counter()
     with tqdm(total=_expected_images(request.shards, max_images), unit="img", desc="evaluating",
               disable=not progress) as bar:
@@ -420,9 +436,11 @@ def evaluate_model(
             results = evaluate_part(request, 0, 1, report_progress=bar.update)
         else:
             results = _run_on_ray(request, num_workers, bar)
+    _check_images_read(results, request.shards)
     details = results.compute_details()
     size = request.options.size
     result = {"summary": results.compute(details), "details": details, "num_images": results.num_images,
+              "num_skipped": results.num_skipped, "skipped": results.skipped,
               "seconds": round(time.perf_counter() - started, 3), "classes": list(request.options.classes.names),
               "test_size": None if size is None else [size.short_side, size.max_size], "files": {}}
     if out is not None:
@@ -430,8 +448,17 @@ def evaluate_model(
     return result
 
 
+def _check_images_read(results: PartialResults, shards: str) -> None:
+    """Scores over no image would read as PQ 0: say why instead."""
+    if results.num_images == 0:
+        from pipeline.data.shards import ShardError
+
+        raise ShardError(f"no image of {shards} could be read: {results.num_skipped} skipped "
+                         f"({results.skipped}; the log names each file)")
+
+
 def _build_request(checkpoint, shards, classes, metrics, num_workers, max_images, batch_size, multiscale,
-                   multiscale_scales, test_size, out, pictures, device, threads) -> EvaluationRequest:
+                   multiscale_scales, test_size, out, pictures, device, threads, on_error) -> EvaluationRequest:
     from model.checkpoint import read_config
     from model.inference import thresholds_from_config
 
@@ -441,6 +468,8 @@ def _build_request(checkpoint, shards, classes, metrics, num_workers, max_images
             raise ValueError(f"{name} must be >= {low}, got {value}")
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1, got {max_images}")
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     unknown = sorted(set(metrics) - set(TASK_OF_METRIC))
     if unknown or not metrics:
         raise ValueError(f"metrics must be a non-empty subset of {sorted(TASK_OF_METRIC)}, got {list(metrics)}")
@@ -462,7 +491,7 @@ def _build_request(checkpoint, shards, classes, metrics, num_workers, max_images
     return EvaluationRequest(
         checkpoint=str(Path(checkpoint).resolve()), shards=_absolute(str(shards)), options=options,
         max_images=max_images, batch_size=batch_size,
-        device=device or ("cuda" if torch.cuda.is_available() else "cpu"), threads=threads,
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"), threads=threads, on_error=on_error,
     )
 
 

@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from pipeline.evaluation.panoptic_format import EvaluationInputError
+from pipeline.evaluation.panoptic_format import EvaluationInputError, open_image
 
 
 class SemanticEvaluator:
@@ -89,10 +88,13 @@ class SemanticEvaluator:
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    with Image.open(path) as image:
+    with open_image(path) as image:
         if image.mode not in ("L", "P", "I", "I;16"):
             raise EvaluationInputError(f"{path}: label PNG must be single-channel, got mode {image.mode}")
-        return np.asarray(image)
+        try:
+            return np.asarray(image)
+        except OSError as error:  # truncated or damaged pixel data
+            raise EvaluationInputError(f"{path} is not a readable image: {error}") from error
 
 
 def semantic_compute(
