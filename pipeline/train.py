@@ -195,13 +195,20 @@ class Trainer:
         record = {**metrics, "learning_rate": self.scheduler.get_last_lr()[0],
                   "images_per_second": window.images * self.world_size / max(elapsed, 1e-9),
                   "data_wait_share": window.data_wait / max(elapsed, 1e-9),
-                  "max_rss_gb": _max_rss_gb()}
+                  "max_rss_gb": _max_rss_gb(), "data/skipped_samples": self._skipped_over_ranks()}
         if torch.cuda.is_available():
             record["cuda_max_allocated_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if self.rank == 0:
             log.info("step %d/%d %s", self.step, self.job.training.max_steps,
                      " ".join(f"{k}={v:.4g}" for k, v in record.items()))
             self.tracker.log_metrics(record, self.step)
+
+    def _skipped_over_ranks(self) -> float:
+        """Training samples every rank's stream left out so far (damaged shards, undecodable samples)."""
+        skipped = torch.tensor([float(self.loader.num_skipped)], device=self.engine.device)
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(skipped)
+        return skipped.item()
 
     # ------------------------------------------------------------------------------------------ validation
     def _validate(self, final: bool) -> dict[str, float]:
@@ -247,6 +254,7 @@ class Trainer:
     def _publish_validation(self, results, state: dict, final: bool) -> dict[str, float]:
         details = results.compute_details()
         summary = {f"val/{key}": value for key, value in results.compute(details).items()}
+        summary["val/skipped_samples"] = float(results.num_skipped)
         log.info("validation at step %d: %s", self.step, " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
         pq = summary.get("val/PQ")
         if pq is not None and (self.best is None or pq > self.best["val/PQ"]):
