@@ -74,6 +74,30 @@ def run_evaluation_stage(job: JobConfig) -> dict:
     return result
 
 
+def check_training_splits(job: JobConfig) -> None:
+    """On the driver, before any worker starts: both splits have shards with samples (a worker would
+    otherwise fail inside Ray Train, or wait forever for a first batch)."""
+    import fsspec
+
+    from pipeline.data.shards import check_not_empty, read_manifest
+
+    for split in (job.data.train_split, job.data.val_split):
+        folder = job.split_shards(split)
+        fs, root = fsspec.core.url_to_fs(folder)
+        check_not_empty(read_manifest(fs, root), folder)
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (their message names the file or key and the problem), not a bug: the
+    command prints one line and exits 2 for these, a traceback for anything else. Imported when needed, so
+    that --check stays light."""
+    from pipeline.data.preprocess import PreprocessError
+    from pipeline.data.shards import SchemaVersionError, ShardError
+    from pipeline.evaluation.panoptic_format import EvaluationInputError
+
+    return JobConfigError, PreprocessError, ShardError, SchemaVersionError, EvaluationInputError, FileNotFoundError
+
+
 def run_job(job: JobConfig, overrides: list[str] | None = None) -> None:
     """Run every stage of `job`; `overrides` (the command line's section.key=value) are recorded in MLflow."""
     if job.synthetic_dataset is not None:
@@ -85,6 +109,7 @@ def run_job(job: JobConfig, overrides: list[str] | None = None) -> None:
         if job.kind == "train":
             from pipeline.launch import run_training
 
+            check_training_splits(job)
             run_training(job, {"job_overrides": " ".join(overrides)} if overrides else {})
         elif job.kind == "evaluate":
             run_evaluation_stage(job)
@@ -119,7 +144,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# overrides: {' '.join(args.overrides)}")
         print(yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False))
         return 0
-    run_job(job, args.overrides)
+    try:
+        run_job(job, args.overrides)
+    except Exception as error:
+        if not isinstance(error, user_error_types()):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
