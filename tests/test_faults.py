@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+from itertools import islice
 from pathlib import Path
 
 import fsspec
@@ -184,6 +185,30 @@ def test_2_stream_split_by_sample_counts_each_lost_sample_once(raw, tmp_path):
     ids = [image_id for loader in loaders for batch in loader for image_id in batch["image_ids"]]
     assert len(ids) == len(set(ids)) == NUM_TRAIN - victim["num_samples"]
     assert sum(loader.num_skipped for loader in loaders) == victim["num_samples"]
+
+
+def test_2_a_resumed_training_stream_counts_each_skip_once(raw, tmp_path):
+    """The skip counts travel in the checkpoint; replaying to the resume position counts nothing twice."""
+    run_preprocess(_dataset(raw), _settings(tmp_path / "shards", splits=["train"], target_shard_mb=0.02))
+    folder = str(tmp_path / "shards" / "train")
+    lost = json.loads((tmp_path / "shards" / "train" / "manifest.json").read_text())["shards"][1]["num_samples"]
+    _patch(tmp_path / "shards" / "train" / "train-000001.tar", 600, b"\x00\x01")
+    settings = StreamSettings(augmentation="none", crop_size=64, loader_workers=0, batch_size=1, shuffle_buffer=2)
+
+    def loader():
+        return build_train_loader(settings, INPUTS, folder, rank=0, world_size=1)
+
+    steps = 3 * (NUM_TRAIN - lost)  # three epochs
+    whole = loader()
+    uninterrupted = [whole.num_skipped for _ in islice(whole, steps)]
+    assert uninterrupted[-1] == 3 * lost and uninterrupted[0] in (0, lost)
+    for cut in range(1, steps, 2):
+        first = loader()
+        for _ in islice(first, cut):
+            pass
+        resumed = loader()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert [resumed.num_skipped for _ in islice(resumed, steps - cut)] == uninterrupted[cut:], cut
 
 
 @pytest.mark.parametrize("member", ["image.jpg", "seg.png", "meta.json"])
