@@ -274,6 +274,8 @@ def evaluate(model: torch.nn.Module, loader: Iterable[dict], options: Evaluation
     `skip_reasons`, pipeline.data.stream.ResumableLoader) is carried in `results.skipped`."""
     results = PartialResults(options)
     for batch in loader:
+        if batch.get("status_only"):  # a bare stream's last word on what it skipped (ResumableLoader keeps it)
+            continue
         if max_images is not None:
             batch = _first_images(batch, max_images - results.num_images)
             if not batch["image_ids"]:
