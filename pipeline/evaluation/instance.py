@@ -18,6 +18,7 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from model.formats import mask_to_rle  # noqa: F401 (lives in model/ for prediction; imported from here too)
 from pipeline.evaluation.panoptic_format import (
     EvaluationInputError,
     default_folder,
@@ -26,13 +27,6 @@ from pipeline.evaluation.panoptic_format import (
 )
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-def mask_to_rle(mask: np.ndarray) -> dict:
-    """bool [H, W] -> COCO compressed RLE with str counts (JSON-serialisable)."""
-    rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return rle
 
 
 def instances_from_panoptic(

@@ -14,22 +14,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-MAX_SEGMENT_ID = 256**3 - 1
+# The PNG encoding lives in model/formats.py (prediction writes it too, and model/ cannot import the
+# pipeline); imported here so that existing imports from this module keep working.
+from model.formats import MAX_SEGMENT_ID, ids_to_rgb, write_panoptic_png  # noqa: E402, F401
 
 
 class EvaluationInputError(ValueError):
     """Bad evaluation input: the message names the image and the problem."""
-
-
-def ids_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids [H, W] (0..2^24-1) -> uint8 RGB [H, W, 3] in the COCO panoptic encoding."""
-    ids = np.asarray(ids)
-    if ids.ndim != 2:
-        raise ValueError(f"ids must be 2-D [H, W], got shape {ids.shape}")
-    if ids.size and (ids.min() < 0 or ids.max() > MAX_SEGMENT_ID):
-        raise ValueError(f"ids must lie in [0, {MAX_SEGMENT_ID}], got range [{ids.min()}, {ids.max()}]")
-    ids = ids.astype(np.uint32)
-    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
 
 
 def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
@@ -112,11 +103,6 @@ _ArrowArray._fields_ = [
 _capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
     ("PyCapsule_GetPointer", ctypes.pythonapi)
 )
-
-
-def write_panoptic_png(path: str | Path, ids: np.ndarray) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(ids_to_rgb(ids)).save(path)
 
 
 def load_json(path: str | Path, expected: type | tuple[type, ...] = dict, keys: Sequence[str] = ()) -> dict | list:

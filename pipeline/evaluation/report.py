@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 from rich.table import Table
 
+from model.formats import write_label_png, write_panoptic_png
 from pipeline.data.readers import ClassInfo
 from pipeline.evaluation.instance import STAT_NAMES
-from pipeline.evaluation.panoptic_format import write_panoptic_png
 from pipeline.evaluation.visualize import save_comparison, save_per_class_bars
 
 if TYPE_CHECKING:
@@ -172,12 +171,6 @@ def png_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", converted) + ".png"
 
 
-def _write_label_png(path: Path, labels: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint8 if labels.max(initial=0) <= 255 else np.uint16
-    Image.fromarray(np.ascontiguousarray(labels.astype(dtype))).save(path)
-
-
 def _write_json(path: Path, document) -> Path:
     path.write_text(json.dumps(document))
     return path
@@ -199,7 +192,7 @@ class PredictionFiles:
         self.records["images"].append({"id": coco_image_id(image_id), "file_name": name,
                                        "height": height, "width": width})
         if semantic_gt is not None:
-            _write_label_png(self.folder / "semantic_gt" / name, semantic_gt)
+            write_label_png(self.folder / "semantic_gt" / name, semantic_gt)
         if panoptic:
             write_panoptic_png(self.folder / "panoptic_gt" / name, np.concatenate([[0], table.segment_ids])[index_map])
             areas = np.bincount(index_map.ravel(), minlength=len(table) + 1)
@@ -218,7 +211,7 @@ class PredictionFiles:
                                          "segments_info": segments})
 
     def add_semantic(self, image_id: str, labels: np.ndarray) -> None:
-        _write_label_png(self.folder / "semantic" / png_name(image_id), labels)
+        write_label_png(self.folder / "semantic" / png_name(image_id), labels)
 
     def merge(self, other: PredictionFiles) -> PredictionFiles:
         for name, records in self.records.items():
