@@ -145,13 +145,24 @@ def synthetic_batch(batch: int, size: int, num_queries: int, num_classes: int, n
     return {"images": images, "tasks": tasks, "targets": targets, "text_tokens": text_tokens, "task_inputs": task_inputs}
 
 
-def ours_steps(hf_config: dict, data: dict, training: bool):
-    from model.checkpoint import build_from_config
+def ours_steps(hf_config: dict, data: dict, training: bool, variant: str = "ours"):
     from model.convert import config_from_transformers
-    from model.criterion import LossConfig, weighted_total
 
     config = config_from_transformers(hf_config, dataset="coco", training=training)
+    return preset_steps(config, data, training, variant)
+
+
+def preset_steps(config, data: dict, training: bool, variant: str):
+    """Our model of `config` in one of VARIANTS, as a training or an inference step on `data`."""
+    from model.block_execution import BLOCK_KINDS, compile_blocks, set_activation_checkpointing
+    from model.checkpoint import build_from_config
+    from model.criterion import LossConfig, weighted_total
+
     model = build_from_config(config).to(data["images"].device)
+    if variant == "ours_ac":
+        set_activation_checkpointing(model, BLOCK_KINDS)
+    elif variant == "ours_compile":
+        compile_blocks(model)
     losses = LossConfig()
     criterion = losses.build_criterion(config.num_classes)
 
@@ -194,16 +205,20 @@ def hf_steps(hf_config: dict, data: dict, training: bool):
 
 
 def _build_step(impl: str, spec: dict, data: dict):
-    build = ours_steps if impl == "ours" else hf_steps
-    return build(spec["hf_config"], data, spec["mode"] == "train")
+    training = spec["mode"] == "train"
+    if impl == "hf":
+        return hf_steps(spec["hf_config"], data, training)
+    if "preset" in spec:
+        from model.presets import make_config
+
+        config = make_config(spec["preset"], dataset="ade20k", training=training)
+        return preset_steps(config, data, training, impl)
+    return ours_steps(spec["hf_config"], data, training, impl)
 
 
 def _spec_data(spec: dict) -> dict:
-    hf_config = spec["hf_config"]
-    data = synthetic_batch(
-        spec["batch"], spec["image_size"], hf_config["num_queries"], len(hf_config["id2label"]),
-        hf_config["text_encoder_n_ctx"],
-    )  # fmt: skip
+    shape = spec["shape"]
+    data = synthetic_batch(spec["batch"], spec["image_size"], shape["num_queries"], shape["num_classes"], shape["n_ctx"])
     device = torch.device(spec["device"])
     moved = {key: value.to(device) if torch.is_tensor(value) else value for key, value in data.items()}
     moved["targets"] = [{key: value.to(device) for key, value in target.items()} for target in data["targets"]]
@@ -235,9 +250,12 @@ def run_child(spec: dict) -> dict:
     if spec["measure"] == "memory":
         step = _build_step(spec["impl"], spec, data)
         with PeakCudaMemory() if spec["device"].startswith("cuda") else PeakRss() as memory:
+            started = time.perf_counter()
             step()
-        return {"peak_mib": (memory.peak - memory.baseline) / 2**20}
-    steps = {impl: _build_step(impl, spec, data) for impl in ("ours", "hf")}
+            _synchronize(spec["device"])
+            seconds = time.perf_counter() - started
+        return {"peak_mib": (memory.peak - memory.baseline) / 2**20, "first_step_s": seconds}
+    steps = {impl: _build_step(impl, spec, data) for impl in spec["impls"]}
     times: dict[str, list[float]] = {impl: [] for impl in steps}
     for repeat in range(spec["steps"] + 1):  # the first round is warm-up
         for impl, step in steps.items():
@@ -264,21 +282,63 @@ def run_in_child(spec: dict, threads: int) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def variants_of(mode: str, args) -> list[str]:
+    """Our implementations measured in a mode: plain, then each requested switch (checkpointing only trains)."""
+    switches = [v for v in args.variants if mode == "train" or v != "ac"]
+    return ["ours"] + [f"ours_{switch}" for switch in switches]
+
+
 def measure(name: str, mode: str, args) -> dict:
+    """Side-by-side times (one process, alternating steps) and per-implementation peak memory (one fresh
+    process each) of a configuration of CONFIGS, ours in every variant and transformers'."""
+    hf_config = hf_config_dict(name, training=mode == "train")
+    impls = [*variants_of(mode, args), "hf"]
     base = {
         "mode": mode, "steps": args.steps, "batch": args.batch, "image_size": CONFIGS[name]["image_size"],
-        "device": args.device,
-        "hf_config": hf_config_dict(name, training=mode == "train"),
+        "device": args.device, "hf_config": hf_config, "impls": impls,
+        "shape": {"num_queries": hf_config["num_queries"], "num_classes": len(hf_config["id2label"]),
+                  "n_ctx": hf_config["text_encoder_n_ctx"]},
     }  # fmt: skip
     seconds = run_in_child({**base, "measure": "time"}, args.threads)
     memory = {impl: run_in_child({**base, "measure": "memory", "impl": impl}, args.threads)["peak_mib"]
-              for impl in ("ours", "hf")}  # fmt: skip
+              for impl in impls}  # fmt: skip
     return {"seconds": seconds, "peak_mib": memory}
+
+
+def measure_real_size(preset: str, args) -> dict[str, dict]:
+    """One training step of a real preset at 640 x 640, batch 1, ours only (plain and with checkpointing),
+    each in a fresh process: the memory a recipe needs per worker, and the time of that first step."""
+    from model.presets import make_config
+
+    config = make_config(preset, dataset="ade20k", training=True)
+    base = {
+        "mode": "train", "batch": 1, "image_size": 640, "device": args.device, "preset": preset,
+        "shape": {"num_queries": config.num_queries, "num_classes": config.num_classes,
+                  "n_ctx": config.text_num_context},
+    }  # fmt: skip
+    return {impl: run_in_child({**base, "measure": "memory", "impl": impl}, args.threads)
+            for impl in variants_of("train", args)}  # fmt: skip
+
+
+def print_side_by_side(name: str, mode: str, result: dict) -> None:
+    hf_s, hf_mib = result["seconds"]["hf"], result["peak_mib"]["hf"]
+    ours_s = result["seconds"]["ours"]
+    for impl, seconds in result["seconds"].items():
+        if impl == "hf":
+            continue
+        mib = result["peak_mib"][impl]
+        print(f"{name:<7}{mode:<7}{impl:<14}{seconds:>9.3f}{hf_s:>9.3f}{hf_s / seconds:>9.2f}"
+              f"{mib:>10.1f}{hf_mib:>9.1f}{mib / max(hf_mib, 1e-9):>9.2f}{seconds / ours_s:>10.2f}", flush=True)  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["tiny", "small"])
+    parser.add_argument("--configs", nargs="*", choices=sorted(CONFIGS), default=["tiny", "small"])
+    parser.add_argument("--variants", nargs="*", choices=["ac", "compile"], default=["ac"],
+                        help="our switches measured beside the plain model: ac = activation checkpointing of all "
+                             "repeated blocks, compile = torch.compile per block")  # fmt: skip
+    parser.add_argument("--real-size", nargs="*", choices=["swin_l", "convnext_l", "convnext_xl", "dinat_l"],
+                        default=[], help="presets for the one-step 640 x 640 batch-1 rows (ours only)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
@@ -294,18 +354,18 @@ def main() -> None:
 
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
     print(f"torch {torch.__version__}, {where}, batch {args.batch}, median of {args.steps} alternating steps")
-    header = f"{'config':<7}{'mode':<7}{'ours s':>9}{'HF s':>9}{'HF/ours':>9}{'ours MiB':>10}{'HF MiB':>9}{'HF/ours':>9}"
-    print(header)
+    if args.configs:
+        print(f"{'config':<7}{'mode':<7}{'impl':<14}{'s':>9}{'HF s':>9}{'HF/impl':>9}"
+              f"{'MiB':>10}{'HF MiB':>9}{'MiB/HF':>9}{'s/ours s':>10}")  # fmt: skip
     for name in args.configs:
         for mode in ("train", "infer"):
-            result = measure(name, mode, args)
-            ours_s, hf_s = result["seconds"]["ours"], result["seconds"]["hf"]
-            ours_mib, hf_mib = result["peak_mib"]["ours"], result["peak_mib"]["hf"]
-            print(
-                f"{name:<7}{mode:<7}{ours_s:>9.3f}{hf_s:>9.3f}{hf_s / ours_s:>9.2f}"
-                f"{ours_mib:>10.1f}{hf_mib:>9.1f}{hf_mib / max(ours_mib, 1e-9):>9.2f}",
-                flush=True,
-            )
+            print_side_by_side(name, mode, measure(name, mode, args))
+    if args.real_size:
+        print(f"\none training step at 640 x 640, batch 1, ours only, a fresh process each\n"
+              f"{'preset':<12}{'impl':<14}{'step s':>9}{'peak MiB':>10}")  # fmt: skip
+    for preset in args.real_size:
+        for impl, row in measure_real_size(preset, args).items():
+            print(f"{preset:<12}{impl:<14}{row['first_step_s']:>9.1f}{row['peak_mib']:>10.0f}", flush=True)
 
 
 if __name__ == "__main__":

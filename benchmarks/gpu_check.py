@@ -8,7 +8,10 @@ as such and the next one runs):
    reference, fused mask losses vs the unfused reference, neighborhood attention FlexAttention vs reference).
 3. models: one bf16 training step and one inference of every backbone preset at 640x640, batch 2: time,
    peak memory, images/s.
-4. transformers: our model and Hugging Face's port side by side (Swin-L 640, fp32, the official dtype).
+   Training is measured plain and with activation checkpointing of every repeated block.
+4. transformers: our model (plain and checkpointed) and Hugging Face's port side by side (Swin-L 640, fp32,
+   the official dtype).
+5. compile: Swin-L's bf16 training step eager and with its repeated blocks compiled (gets what time is left).
 
 Every row goes to kernels/benchmarks/results.jsonl (with device, versions and commit); a short table is
 printed at the end. Without a GPU it prints one line and exits 2.
@@ -37,13 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT_CODE = 2
 TOTAL_BUDGET_S = 470  # under 8 minutes with process start-up
 # Caps per stage; the estimates on an H100-class machine are about 150 / 90 / 90 / 50 s.
-STAGE_LIMIT_S = {"tests": 190, "kernels": 120, "models": 110, "transformers": 60}
+STAGE_LIMIT_S = {"tests": 190, "kernels": 120, "models": 110, "transformers": 60, "compile": 120}
 KERNEL_TESTS = (
     "tests/test_ms_deform_attn.py",
     "tests/test_mask_losses.py",
     "tests/test_neighborhood_attention.py",
 )
 PRESETS_AT_640 = ("swin_l", "convnext_l", "convnext_xl", "dinat_l")
+PRESET_RUNS = (("train", "ours"), ("infer", "ours"), ("train", "ours_ac"))
 MODEL_BATCH, MODEL_SIZE = 2, 640
 
 
@@ -141,11 +145,14 @@ def stage_models(write: RowWriter, limit_s: float) -> None:
         torch.cuda.empty_cache()
 
 
-def preset_rows(preset: str) -> list[dict[str, Any]]:
-    """One warm-up and one timed bf16 training step, then the same for inference, of the preset at 640."""
+def preset_rows(preset: str, runs: tuple[tuple[str, str], ...] = PRESET_RUNS) -> list[dict[str, Any]]:
+    """Per (pass, variant) of `runs`, in order: one warm-up and one timed bf16 step of the preset at 640
+    (variants: ours, ours_ac = activation checkpointing of every repeated block, ours_compile = compiled blocks;
+    a variant stays switched on for the runs after it)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_model_vs_transformers import synthetic_batch
 
+    from model.block_execution import BLOCK_KINDS, compile_blocks, set_activation_checkpointing
     from model.checkpoint import build_from_config
     from model.criterion import LossConfig, training_loss
     from model.presets import make_config
@@ -171,18 +178,25 @@ def preset_rows(preset: str) -> list[dict[str, Any]]:
             model(images, data["tasks"])
 
     rows = []
-    for mode, step in (("train", train_step), ("infer", inference_step)):
+    for mode, impl in runs:
+        if impl == "ours_ac":
+            set_activation_checkpointing(model, BLOCK_KINDS)
+        elif impl == "ours_compile":
+            compile_blocks(model)
+        step = train_step if mode == "train" else inference_step
         model.train(mode == "train")
+        warmup_started = time.perf_counter()
         step()  # warm-up: compilation, autotuning, allocator growth
         torch.cuda.synchronize()
+        warmup_s = time.perf_counter() - warmup_started
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
         step()
         torch.cuda.synchronize()
         seconds = time.perf_counter() - started
-        rows.append({"op": "model_step", "case": f"{preset} {MODEL_SIZE}", "pass": mode, "impl": "ours",
+        rows.append({"op": "model_step", "case": f"{preset} {MODEL_SIZE}", "pass": mode, "impl": impl,
                      "dtype": "bf16", "batch": MODEL_BATCH, "time_ms": 1000 * seconds,
-                     "images_per_s": MODEL_BATCH / seconds,
+                     "images_per_s": MODEL_BATCH / seconds, "warmup_s": warmup_s,
                      "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20})  # fmt: skip
     return rows
 
@@ -191,14 +205,20 @@ def stage_transformers(write: RowWriter, limit_s: float) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_model_vs_transformers as versus
 
-    args = argparse.Namespace(steps=2, batch=MODEL_BATCH, device="cuda", threads=1)
+    args = argparse.Namespace(steps=2, batch=MODEL_BATCH, device="cuda", threads=1, variants=["ac"])
     for mode in ("train", "infer"):
         result = versus.measure("swin_l_640", mode, args)
-        for impl in ("ours", "hf"):
-            seconds = result["seconds"][impl]
+        for impl, seconds in result["seconds"].items():
             write({"op": "model_vs_transformers", "case": "swin_l 640", "pass": mode, "impl": impl, "dtype": "fp32",
                    "batch": MODEL_BATCH, "time_ms": 1000 * seconds, "images_per_s": MODEL_BATCH / seconds,
                    "peak_mem_mb": result["peak_mib"][impl]})  # fmt: skip
+
+
+def stage_compile(write: RowWriter, limit_s: float) -> None:
+    """Swin-L's bf16 training step eager, then with every repeated block compiled (the warm-up row's
+    warmup_s is the compilation time). Last, so that it only uses what the other stages left."""
+    for row in preset_rows("swin_l", runs=(("train", "ours"), ("train", "ours_compile"))):
+        write(row)
 
 
 STAGES = {
@@ -206,6 +226,7 @@ STAGES = {
     "kernels": stage_kernels,
     "models": stage_models,
     "transformers": stage_transformers,
+    "compile": stage_compile,
 }
 
 

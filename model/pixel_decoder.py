@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.ms_deform_attn import ms_deform_attn
+from model.block_execution import run_block
 from model.layers import sine_position_encoding
 
 NUM_ENCODER_LEVELS = 3
@@ -241,6 +242,9 @@ class PixelDecoder(nn.Module):
         nn.init.zeros_(self.mask_features.bias)
         self.conv_dim = conv_dim
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if len(features) != 4:
             raise ValueError(f"features must be the 4 backbone maps res2..res5, got {len(features)}")
@@ -265,7 +269,7 @@ class PixelDecoder(nn.Module):
         )
         reference_points = encoder_reference_points(shapes, valid_ratios)
         for layer in self.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, level_start_index)
+            src = run_block(layer, src, pos, reference_points, spatial_shapes, level_start_index)
 
         batch = src.shape[0]
         encoder_maps = [

@@ -25,6 +25,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from model.block_execution import run_block
 from model.layers import MLP, ExactInputLinear, sine_position_encoding
 from model.texts import TASKS, task_prompt
 from model.tokenizer import CONTEXT_LENGTH, tokenize
@@ -132,5 +133,5 @@ class QueryInitializer(nn.Module):
         query_pos = query_pos.unsqueeze(0).expand(batch, -1, -1)
         queries = task_token.unsqueeze(1).expand(-1, query_pos.shape[1], -1)
         for layer in self.layers:
-            queries = layer(queries, memory, memory_pos, query_pos)
+            queries = run_block(layer, queries, memory, memory_pos, query_pos)
         return self.norm(queries)

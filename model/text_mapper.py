@@ -32,6 +32,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from model.block_execution import run_block
 from model.layers import MLP, QuickGELU
 
 
@@ -95,7 +96,7 @@ class TextEncoder(nn.Module):
         x = self.token_embedding(token_ids) + self.positional_embedding[:length]
         mask = self.causal_mask[:length, :length].to(x.dtype)
         for block in self.resblocks:
-            x = block(x, mask)
+            x = run_block(block, x, mask)
         x = self.ln_final(x)
         end_of_text = token_ids.argmax(dim=-1)
         return x[torch.arange(x.shape[0], device=x.device), end_of_text]
@@ -131,6 +132,9 @@ class TextMapper(nn.Module):
         # Shape [1], not a scalar: DeepSpeed broadcasts parameters as byte views, which 0-dim tensors cannot give.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / temperature)))
         self.num_context = num_context
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return list(self.text_encoder.resblocks)
 
     def forward(self, text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text queries [B, T (+ prompt contexts), D] and the contrastive logit scale. The scale leaves through

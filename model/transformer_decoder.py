@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.block_execution import run_block
 from model.layers import MLP, sine_position_encoding
 from model.task_conditioning import QueryInitializer
 
@@ -134,6 +135,10 @@ class TransformerDecoder(nn.Module):
         nn.init.zeros_(projection.bias)
         return projection
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        layers = zip(self.cross_attention_layers, self.self_attention_layers, self.ffn_layers)
+        return [*self.query_initializer.layers, *(layer for triple in layers for layer in triple)]
+
     def forward(
         self, multi_scale_features: list[torch.Tensor], mask_features: torch.Tensor, task_token: torch.Tensor
     ) -> dict:
@@ -152,11 +157,12 @@ class TransformerDecoder(nn.Module):
         predictions = [(logits, masks)]
         for index in range(len(self.cross_attention_layers)):
             level = index % NUM_DECODER_LEVELS
-            queries = self.cross_attention_layers[index](
-                queries, memories[level], attention_mask, memory_positions[level], query_pos
-            )
-            queries = self.self_attention_layers[index](queries, query_pos)
-            queries = self.ffn_layers[index](queries)
+            queries = run_block(
+                self.cross_attention_layers[index],
+                queries, memories[level], attention_mask, memory_positions[level], query_pos,
+            )  # fmt: skip
+            queries = run_block(self.self_attention_layers[index], queries, query_pos)
+            queries = run_block(self.ffn_layers[index], queries)
             next_size = level_sizes[(index + 1) % NUM_DECODER_LEVELS]
             logits, masks, attention_mask = self._predict(queries, mask_features, next_size)
             predictions.append((logits, masks))

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.backbones.weights_source import parse_reference
+from model.block_execution import BLOCK_KINDS
 from model.presets import OneFormerConfig, make_config
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 from pipeline.data.shards import MANIFEST_NAME
@@ -58,12 +59,41 @@ class ModelSettings(_Section):
                           "an https:// or s3:// URL or a timm hub name; loaded strictly, the count logged to MLflow."
     )
 
+    activation_checkpointing: str | list[str] = Field(
+        "none", description="Recompute the repeated blocks in the backward pass instead of keeping their "
+                            "activations: none, all, or one or a list of backbone, pixel_decoder, "
+                            "transformer_decoder, text_mapper. Same losses and gradients, less memory, more time."
+    )
+    compile: bool = Field(
+        False, description="torch.compile each repeated block (backbone blocks, decoder and pixel-decoder layers, "
+                           "text blocks); pays on GPUs, not on CPUs (see the README's performance table)."
+    )
+
     @field_validator("backbone_weights")
     @classmethod
     def _valid_reference(cls, value: str | None) -> str | None:
         if value is not None:
             parse_reference(value)
         return value
+
+    @field_validator("activation_checkpointing")
+    @classmethod
+    def _known_block_kinds(cls, value: str | list[str]) -> str | list[str]:
+        named = [value] if isinstance(value, str) else value
+        allowed = ("none", "all") if isinstance(value, str) else ()
+        unknown = [kind for kind in named if kind not in allowed + BLOCK_KINDS]
+        if unknown or not named:
+            raise ValueError(f"must be none, all, or one or a list of {', '.join(BLOCK_KINDS)} (got {value!r})")
+        return value
+
+    def checkpointed_block_kinds(self) -> tuple[str, ...]:
+        """The components whose repeated blocks are recomputed (model.block_execution.BLOCK_KINDS)."""
+        value = self.activation_checkpointing
+        if value == "none":
+            return ()
+        if value == "all":
+            return BLOCK_KINDS
+        return (value,) if isinstance(value, str) else tuple(dict.fromkeys(value))
 
     @model_validator(mode="after")
     def _valid_model_config(self) -> ModelSettings:
@@ -101,7 +131,7 @@ def _check_override_names(overrides: dict[str, Any]) -> None:
         if name in _SET_BY_THE_JOB:
             raise ValueError(f"{name}: set by the job, not the file ({_SET_BY_THE_JOB[name]})")
         if name not in _CONFIG_FIELDS:
-            hint = difflib.get_close_matches(name, list(_CONFIG_FIELDS) + ["weights", "backbone_weights"], n=1)
+            hint = difflib.get_close_matches(name, list(_CONFIG_FIELDS) + list(ModelSettings.model_fields), n=1)
             raise ValueError(f"{name}: unknown key" + (f" (did you mean 'model.{hint[0]}'?)" if hint else ""))
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from model.backbones.weights import load_backbone_weights
+from model.block_execution import compile_blocks, set_activation_checkpointing
 from model.checkpoint import build_from_config, load_weights, save_model
 from model.criterion import LossConfig, training_loss
 from model.inference import resolve_inference_size, thresholds_from_config
@@ -64,8 +65,9 @@ def read_classes(job: JobConfig) -> ClassInfo:
 
 
 def build_training_model(job: JobConfig, config: OneFormerConfig) -> tuple[OneFormer, dict[str, str]]:
-    """A fresh model, then the backbone weights, then the whole-model weights of the job, all loaded strictly.
-    Returns the model and what it was initialised from (MLflow parameters)."""
+    """A fresh model, then the backbone weights, then the whole-model weights of the job, all loaded strictly;
+    then the job's activation checkpointing and compilation of the repeated blocks. Returns the model and what
+    it was initialised from (MLflow parameters)."""
     model = build_from_config(config)
     initialised: dict[str, str] = {}
     if job.model.backbone_weights is not None:
@@ -77,6 +79,11 @@ def build_training_model(job: JobConfig, config: OneFormerConfig) -> tuple[OneFo
         loaded = load_weights(model, job.model.weights)
         log.info("model weights: %d tensors from %s", loaded, job.model.weights)
         initialised |= {"init.weights": job.model.weights, "init.tensors_loaded": str(loaded)}
+    kinds = job.model.checkpointed_block_kinds()
+    if kinds:
+        log.info("activation checkpointing: %d blocks of %s", set_activation_checkpointing(model, kinds), kinds)
+    if job.model.compile:
+        log.info("compiled %d repeated blocks", compile_blocks(model))
     return model, initialised
 
 

@@ -10,6 +10,8 @@ import torch
 from timm.models.convnext import ConvNeXt as TimmConvNeXt
 from torch import nn
 
+from model.block_execution import run_block
+
 
 class ConvNeXtBackbone(nn.Module):
     """timm ConvNeXt trunk (no head) -> list of 4 NCHW maps at strides 4, 8, 16, 32."""
@@ -30,13 +32,20 @@ class ConvNeXtBackbone(nn.Module):
         for i, channels in enumerate(dims):
             self.add_module(f"norm{i}", nn.LayerNorm(channels, eps=1e-6))
 
+    def repeated_blocks(self) -> list[nn.Module]:
+        return [block for stage in self.stages for block in stage.blocks]
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.dim() != 4:
             raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
         x = self.stem(images)
         features = []
         for i, stage in enumerate(self.stages):
-            x = stage(x)
+            # timm's stage is downsample then blocks; its blocks run one by one here so that each can be
+            # checkpointed or compiled like every other repeated block (model.block_execution).
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = run_block(block, x)
             normed = getattr(self, f"norm{i}")(x.permute(0, 2, 3, 1))
             features.append(normed.permute(0, 3, 1, 2).contiguous())
         return features

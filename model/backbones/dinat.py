@@ -14,6 +14,7 @@ from torch import nn
 
 from kernels.neighborhood_attention import neighborhood_attention
 from model.backbones.common import DropPath, Mlp, drop_path_rates, init_transformer_weights
+from model.block_execution import run_block
 
 # Per-dataset DiNAT-L settings from the OneFormer configs: kernel size and per-block dilations per stage.
 DINAT_L_SETTINGS: dict[str, dict] = {
@@ -137,7 +138,7 @@ class NATBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x)
         return (x if self.downsample is None else self.downsample(x)), x
 
 
@@ -172,6 +173,9 @@ class DiNAT(nn.Module):
         for i, channels in enumerate(self.out_channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         self.apply(init_transformer_weights)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return [block for level in self.levels for block in level.blocks]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.dim() != 4:

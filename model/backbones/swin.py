@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.backbones.common import DropPath, Mlp, drop_path_rates, init_transformer_weights
+from model.block_execution import run_block
 
 # Added to attention logits between tokens from different regions of a shifted window (the official value;
 # exp(-100) underflows to 0 in fp32 so it acts as a hard mask).
@@ -159,7 +160,7 @@ class SwinStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for block in self.blocks:
-            x = block(x)
+            x = run_block(block, x)
         return (x if self.downsample is None else self.downsample(x)), x
 
 
@@ -188,6 +189,9 @@ class SwinTransformer(nn.Module):
         for i, channels in enumerate(self.out_channels):
             self.add_module(f"norm{i}", nn.LayerNorm(channels))
         self.apply(init_transformer_weights)
+
+    def repeated_blocks(self) -> list[nn.Module]:
+        return [block for stage in self.layers for block in stage.blocks]
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         if images.dim() != 4:
