@@ -1,0 +1,407 @@
+"""Export the inference network with the task as a tensor input: torch.export or ONNX.
+
+    python -m model.export --checkpoint model.pt --format torch --out model.pt2
+    python -m model.export --checkpoint model.pt --format onnx --out model.onnx
+
+The exported graph is `InferenceNetwork`: images float32 [B, 3, H, W] RGB 0-255, H and W multiples of 32
+(the caller resizes and pads with the pixel mean, as model.inference.predict does), and task_index int64 [B]
+(the position of each image's task in model.texts.TASKS: 0 semantic, 1 instance, 2 panoptic) -> class logits
+[B, Q, K+1] and stride-4 mask logits [B, Q, H/4, W/4]. Height and width are dynamic; the batch is too (ONNX)
+or fixed at export (torch.export specialises a batch of one, the way the model is run by model.predict).
+Post-processing stays in Python (model.inference); `python -m model.predict --onnx FILE` runs it on the
+ONNX Runtime outputs. Both files carry `ExportInfo` (the model config, class names and the task order):
+ONNX in its metadata_props, torch.export as the extra file "oneformer.json".
+
+Deformable attention and neighborhood attention go into the graph through their plain-PyTorch references;
+the Triton and FlexAttention kernels are a runtime choice of the eager model, not part of the graph.
+
+Why `InferenceNetwork` re-expresses two forwards instead of calling them: the eager pixel decoder keeps the
+level layout in a tensor (`spatial_shapes`) and the reference kernel reads it back with `.tolist()`, which
+torch.export cannot follow for a dynamic size (the values become data, then sizes); and DiNAT pads a map
+smaller than its dilated window with `max(0, window - size)` and an `if`, a branch on the input size that
+one graph cannot hold. Here the level layout stays symbolic Python ints, and the DiNAT padding is
+`sym_max` without a branch. Both use the eager modules' own parameters and submodules; the parity tests
+compare the exported outputs with the eager model's for every task at several sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import model.pixel_decoder as pixel_decoder_module
+from kernels.ms_deform_attn.reference import ms_deform_attn_reference_static
+from kernels.neighborhood_attention.reference import neighborhood_attention_reference
+from model.backbones.dinat import NeighborhoodAttention2D
+from model.checkpoint import ModelFileError, load_model, read_config
+from model.classes import ClassesFileError, ModelClasses, classes_for_model
+from model.layers import sine_position_encoding
+from model.oneformer import OneFormer
+from model.pixel_decoder import NUM_ENCODER_LEVELS, PixelDecoder, geometry_dtype
+from model.presets import OneFormerConfig
+from model.task_conditioning import task_token_ids
+from model.texts import TASKS
+
+FORMATS = ("torch", "onnx")
+ONNX_OPSET = 18
+INPUT_NAMES = ("images", "task_index")
+OUTPUT_NAMES = ("pred_logits", "pred_masks")
+METADATA_KEY = "oneformer"
+"""Key of the ExportInfo JSON: an ONNX metadata_props entry, and (with .json) the torch.export extra file."""
+SIZE_MULTIPLE = 32
+MAX_SIDE = 10240
+"""Largest height or width the dynamic dimensions allow (the official multi-scale views stay below: ADE20K-1280
+at most 8960)."""
+MAX_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What a user of an exported file needs besides the graph: the model config (thresholds, test size,
+    pixel mean, size multiple), the classes in contiguous order and the task order of `task_index`."""
+
+    config: dict
+    class_names: tuple[str, ...]
+    is_thing: tuple[bool, ...]
+    category_ids: tuple[int, ...]
+    tasks: tuple[str, ...] = TASKS
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ExportInfo:
+        fields = json.loads(text)
+        return cls(
+            config=fields["config"],
+            class_names=tuple(fields["class_names"]),
+            is_thing=tuple(bool(flag) for flag in fields["is_thing"]),
+            category_ids=tuple(int(cid) for cid in fields["category_ids"]),
+            tasks=tuple(fields["tasks"]),
+        )
+
+    @classmethod
+    def of(cls, config: OneFormerConfig, classes: ModelClasses) -> ExportInfo:
+        return cls(dataclasses.asdict(config), classes.names, classes.is_thing, classes.category_ids)
+
+    def model_config(self) -> OneFormerConfig:
+        return OneFormerConfig(**self.config)
+
+
+# ---------------------------------------------------------------------------------------------- the network
+class BranchFreeNeighborhoodAttention(nn.Module):
+    """DiNAT's NeighborhoodAttention2D (same parameters, shared) with its padding to the dilated window as
+    `sym_max(0, window - size)` and no branch, so one exported graph serves maps smaller and larger than
+    the window; always through the plain-PyTorch reference."""
+
+    def __init__(self, attention: NeighborhoodAttention2D):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = self.attention
+        batch, height, width, channels = x.shape
+        window = attention.kernel_size * attention.dilation
+        padded = F.pad(x, (0, 0, 0, torch.sym_max(0, window - width), 0, torch.sym_max(0, window - height)))
+        padded_h, padded_w = padded.shape[1:3]
+        heads = attention.num_heads
+        qkv = attention.qkv(padded).reshape(batch, padded_h, padded_w, 3, heads, channels // heads)
+        query, key, value = qkv.permute(3, 0, 4, 1, 2, 5)
+        out = neighborhood_attention_reference(
+            query, key, value, attention.kernel_size, attention.dilation, rpb=attention.rpb
+        )
+        out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
+        # Cropped by gathering rows and columns rather than slicing: a slice's strides (and so the layout
+        # choices after it) would depend on whether padding happened, and the trace would fix that choice.
+        rows = torch.arange(height, device=out.device)
+        columns = torch.arange(width, device=out.device)
+        return attention.proj(out.index_select(1, rows).index_select(2, columns))
+
+
+def _with_branch_free_neighborhood_attention(module: nn.Module) -> None:
+    """Replace every NeighborhoodAttention2D below `module` by its branch-free wrapper (in place)."""
+    for name, child in module.named_children():
+        if isinstance(child, NeighborhoodAttention2D):
+            setattr(module, name, BranchFreeNeighborhoodAttention(child))
+        else:
+            _with_branch_free_neighborhood_attention(child)
+
+
+def _level_shapes_tensor(features: Sequence[torch.Tensor]) -> torch.Tensor:
+    """int64 [L, 2] (h, w) of each map, built from the tensors' sizes so that it stays symbolic when traced
+    (torch.as_tensor of sizes would freeze the traced values)."""
+    return torch.stack(
+        [
+            torch.stack(
+                [torch.full((), size, dtype=torch.long, device=feature.device) for size in feature.shape[-2:]]
+            )
+            for feature in features
+        ]
+    )
+
+
+def _encoder_reference_points(shapes, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """model.pixel_decoder.encoder_reference_points with all valid ratios 1 (the eager decoder's), the pixel
+    centres as arange + 0.5: the same values as its linspace(0.5, n - 0.5, n), whose end would be a
+    symbolic float that the trace freezes."""
+    per_level = []
+    for height, width in shapes:
+        ref_y, ref_x = torch.meshgrid(
+            (torch.arange(height, device=device).to(dtype) + 0.5) / height,
+            (torch.arange(width, device=device).to(dtype) + 0.5) / width,
+            indexing="ij",
+        )
+        per_level.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
+    points = torch.cat(per_level, 0)
+    return points[None, :, None].expand(batch, -1, NUM_ENCODER_LEVELS, -1)
+
+
+def pixel_decoder_with_level_shapes(decoder: PixelDecoder, features: list[torch.Tensor]):
+    """PixelDecoder.forward with the level layout kept as (symbolic) Python ints for the deformable
+    attention's reference (see the module docstring); same submodules, same numbers."""
+    encoder_inputs = features[:0:-1]  # res5, res4, res3
+    sources, positions, shapes = [], [], []
+    for level, (feature, projection) in enumerate(zip(encoder_inputs, decoder.input_proj)):
+        batch, _, height, width = feature.shape
+        source = projection(feature)
+        position = sine_position_encoding(
+            batch, height, width, decoder.conv_dim // 2, feature.device, source.dtype
+        )
+        sources.append(source.flatten(2).transpose(1, 2))
+        positions.append(position.flatten(2).transpose(1, 2) + decoder.level_embed[level].view(1, 1, -1))
+        shapes.append((height, width))
+    src, pos = torch.cat(sources, 1), torch.cat(positions, 1)
+    spatial_shapes = _level_shapes_tensor(encoder_inputs)
+    starts = [0]
+    for height, width in shapes[:-1]:
+        starts.append(starts[-1] + height * width)
+    reference_points = _encoder_reference_points(shapes, src.shape[0], geometry_dtype(src.dtype), src.device)
+
+    def deformable_attention(value, _spatial_shapes, _level_start_index, locations, weights, backend=None):
+        return ms_deform_attn_reference_static(value, shapes, starts, locations, weights)
+
+    with mock.patch.object(pixel_decoder_module, "ms_deform_attn", deformable_attention):
+        for layer in decoder.layers:
+            src = layer(src, pos, reference_points, spatial_shapes, None)
+
+    batch = src.shape[0]
+    encoder_maps = [
+        tokens.transpose(1, 2).reshape(batch, -1, height, width)
+        for tokens, (height, width) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
+    ]
+    lateral = decoder.lateral_conv(features[0])
+    upsampled = F.interpolate(encoder_maps[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+    return decoder.mask_features(decoder.output_conv(lateral + upsampled)), encoder_maps
+
+
+class InferenceNetwork(nn.Module):
+    """OneFormer up to the class and mask logits, with the task as an index into TASKS (the graph that is
+    exported). Shares the parameters of `model`, whose DiNAT attention modules it replaces in place."""
+
+    def __init__(self, model: OneFormer):
+        super().__init__()
+        self.model = model
+        _with_branch_free_neighborhood_attention(model.backbone)
+        # The task MLP reads the raw token ids as floats (see model.task_conditioning): one row per task.
+        self.register_buffer("task_token_ids", task_token_ids(list(TASKS)).float(), persistent=False)
+
+    def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        features = model.backbone(model.normalise(images))
+        mask_features, multi_scale_features = pixel_decoder_with_level_shapes(model.pixel_decoder, features)
+        task_token = model.task_encoder.task_mlp(self.task_token_ids[task_index])
+        outputs = model.transformer_decoder(multi_scale_features, mask_features, task_token)
+        return outputs["pred_logits"], outputs["pred_masks"]
+
+
+# ---------------------------------------------------------------------------------------------- exporting
+def _dynamic_shapes(max_side: int = MAX_SIDE) -> dict:
+    """Batch, and height and width as multiples of 32, from 64 (the stride-32 map needs two rows and columns
+    for the traced matmul layouts to hold) to max_side."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    height = torch.export.Dim("height_32", min=2, max=max_side // SIZE_MULTIPLE)
+    width = torch.export.Dim("width_32", min=2, max=max_side // SIZE_MULTIPLE)
+    return {
+        "images": {0: batch, 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width},
+        "task_index": {0: batch},
+    }
+
+
+def example_inputs(batch: int = 2, height: int = 128, width: int = 160) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs to trace with: a batch of two (a batch of one would be specialised) of a size that is not
+    square, so that no two dynamic dimensions are taken to be equal."""
+    images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
+    return images, torch.arange(batch) % len(TASKS)
+
+
+def export_program(model: OneFormer) -> torch.export.ExportedProgram:
+    """torch.export of InferenceNetwork(model) (on the CPU, in eval mode, references for the kernels) with
+    dynamic batch, height and width."""
+    network = InferenceNetwork(model.cpu().eval()).requires_grad_(False)
+    with torch.no_grad():
+        program = torch.export.export(network, example_inputs(), dynamic_shapes=_dynamic_shapes())
+    return program.run_decompositions()
+
+
+def save_torch(program: torch.export.ExportedProgram, info: ExportInfo, path: str | os.PathLike) -> None:
+    torch.export.save(program, path, extra_files={METADATA_KEY + ".json": info.to_json()})
+
+
+def save_onnx(program: torch.export.ExportedProgram, info: ExportInfo, path: str | os.PathLike) -> None:
+    """The exported program through torch's ONNX exporter (opset ONNX_OPSET), ExportInfo as metadata."""
+    onnx_program = torch.onnx.export(
+        program,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        opset_version=ONNX_OPSET,
+        dynamo=True,
+        optimize=True,
+        verbose=False,
+    )
+    onnx_program.model.metadata_props[METADATA_KEY] = info.to_json()
+    onnx_program.save(str(path))
+
+
+def export_model(
+    checkpoint: str | os.PathLike,
+    export_format: str,
+    out: str | os.PathLike,
+    classes_file: str | os.PathLike | None = None,
+) -> Path:
+    """Export a model file to `out` in `export_format` ("torch": torch.export's .pt2, "onnx")."""
+    if export_format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {export_format!r}")
+    config = read_config(checkpoint)
+    info = ExportInfo.of(config, classes_for_model(checkpoint, config.num_classes, classes_file))
+    program = export_program(load_model(checkpoint, training=False))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (save_torch if export_format == "torch" else save_onnx)(program, info, out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- running
+class ExportedModel(nn.Module):
+    """An exported network behind OneFormer's calling convention, so model.inference (predict, multi-scale)
+    runs on it unchanged: forward(images, tasks) -> {"pred_logits", "pred_masks"}; `pixel_mean` as OneFormer
+    has it (predict pads with it). Subclasses run the graph."""
+
+    def __init__(self, info: ExportInfo, source: str):
+        super().__init__()
+        self.info, self.source = info, source
+        self.config = info.model_config()
+        self.register_buffer("pixel_mean", torch.tensor(self.config.pixel_mean).view(1, 3, 1, 1))
+
+    def forward(self, images: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
+        height, width = images.shape[-2:]
+        low, high = 2 * SIZE_MULTIPLE, MAX_SIDE
+        if (
+            height % SIZE_MULTIPLE
+            or width % SIZE_MULTIPLE
+            or not (low <= min(height, width) and max(height, width) <= high)
+        ):
+            raise ValueError(
+                f"{self.source}: images must be padded to multiples of {SIZE_MULTIPLE} between {low} and "
+                f"{high} pixels, got {height}x{width}"
+            )
+        unknown = sorted(set(tasks) - set(self.info.tasks))
+        if unknown:
+            raise ValueError(f"tasks must be drawn from {self.info.tasks}, got {unknown}")
+        task_index = torch.tensor([self.info.tasks.index(task) for task in tasks], dtype=torch.long)
+        logits, masks = self.run(images.float().cpu(), task_index)
+        return {"pred_logits": logits, "pred_masks": masks}
+
+    def run(self, images: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class OnnxRuntimeModel(ExportedModel):
+    """An ONNX file from `save_onnx`, run by ONNX Runtime on the CPU."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnx
+        import onnxruntime
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: ONNX file not found")
+        try:
+            metadata = {
+                entry.key: entry.value
+                for entry in onnx.load(str(path), load_external_data=False).metadata_props
+            }
+        except Exception as error:  # onnx raises DecodeError, ValueError ... for bytes that are not a model
+            raise ModelFileError(
+                f"{path}: not a readable ONNX file ({type(error).__name__}: {error})"
+            ) from None
+        if METADATA_KEY not in metadata:
+            raise ModelFileError(
+                f"{path}: not exported by python -m model.export (no {METADATA_KEY!r} metadata)"
+            )
+        super().__init__(ExportInfo.from_json(metadata[METADATA_KEY]), str(path))
+        options = onnxruntime.SessionOptions()
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(self, images, task_index):
+        logits, masks = self.session.run(
+            list(OUTPUT_NAMES), {"images": images.numpy(), "task_index": task_index.numpy()}
+        )
+        return torch.from_numpy(logits), torch.from_numpy(masks)
+
+
+class ExportedProgramModel(ExportedModel):
+    """A .pt2 file from `save_torch`, loaded with torch.export.load."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: exported program not found")
+        extra_files = {METADATA_KEY + ".json": ""}
+        self.program = torch.export.load(path, extra_files=extra_files)
+        super().__init__(ExportInfo.from_json(extra_files[METADATA_KEY + ".json"]), str(path))
+        self.graph_module = self.program.module()
+
+    def run(self, images, task_index):
+        with torch.no_grad():
+            return self.graph_module(images, task_index)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m model.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checkpoint", required=True, help="model file (model.pt from training or model.convert)"
+    )
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
+    parser.add_argument("--out", required=True, help="the file to write (.pt2 for torch, .onnx for onnx)")
+    parser.add_argument(
+        "--classes", default=None, help="classes.json of the model (default: the one beside it)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        out = export_model(args.checkpoint, args.export_format, args.out, args.classes)
+    except (ModelFileError, ClassesFileError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {out} ({args.export_format}; inputs images [B, 3, H, W] 0-255 RGB, H and W multiples of "
+        f"{SIZE_MULTIPLE} in [{2 * SIZE_MULTIPLE}, {MAX_SIDE}], task_index [B] into {list(TASKS)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
