@@ -44,7 +44,10 @@ def read_classes_file(path: str | os.PathLike) -> ModelClasses:
     if not path.is_file():
         raise ClassesFileError(f"{path}: classes file not found")
     try:
-        entries = sorted(json.loads(path.read_text()), key=lambda entry: int(entry["contiguous_id"]))
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, list) or not entries:
+            raise ValueError("expected a non-empty list")
+        entries = sorted(entries, key=lambda entry: int(entry["contiguous_id"]))
         classes = ModelClasses(
             names=tuple(str(entry["name"]) for entry in entries),
             is_thing=tuple(bool(entry["isthing"]) for entry in entries),
