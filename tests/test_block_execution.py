@@ -4,6 +4,8 @@ the right blocks marked, compiled blocks computing what eager ones do, and error
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from model.tokenizer import tokenize
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 SIZE = 64
+DEMO_JOB = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
 
 
 def tiny_training_model() -> torch.nn.Module:
@@ -156,3 +159,15 @@ def test_compiled_blocks_compute_what_eager_blocks_do():
     torch.testing.assert_close(loss_compiled, loss, rtol=1e-4, atol=1e-5)
     for name, gradient in gradients.items():
         torch.testing.assert_close(gradients_compiled[name], gradient, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_job_keys_reach_the_training_model(tmp_path, monkeypatch):
+    from pipeline.config import load_job
+    from pipeline.train import build_training_model
+
+    monkeypatch.setenv("ONEFORMER_WORKDIR", str(tmp_path))
+    job = load_job(DEMO_JOB, ["model.activation_checkpointing=[backbone, text_mapper]"])
+    model, _ = build_training_model(job, job.model.oneformer_config())
+    for kind in BLOCK_KINDS:
+        marks = {getattr(block, "checkpoint_activations", False) for block in blocks_of(model, kind)}
+        assert marks == {kind in ("backbone", "text_mapper")}, kind

@@ -1,7 +1,8 @@
 """Data-parallel training is the same computation as one worker with the whole global batch: a few steps with 2
 Ray Train workers under DeepSpeed ZeRO-2 and ZeRO-3 (gloo, CPU) give the losses of 1 worker fed all of each
 global batch. The global batches are fixed in advance and every worker takes its slice of each, so only the
-parallelism differs between the runs."""
+parallelism differs between the runs. ZeRO-3 with activation checkpointing of every repeated block (whose
+recomputation re-enters the modules whose parameters ZeRO-3 gathers in forward hooks) gives ZeRO-3's losses."""
 
 import json
 import sys
@@ -35,9 +36,9 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
 
 
 def loss_trace_worker(config: dict) -> None:
-    """For each ZeRO stage asked for: a fresh model trained on this rank's slice of each fixed global batch.
-    Rank 0 writes the mean loss over ranks per step. One worker group serves all stages: starting one is
-    the slow part."""
+    """For each run asked for (a ZeRO stage, "+ac" for activation checkpointing of every repeated block): a
+    fresh model trained on this rank's slice of each fixed global batch. Rank 0 writes the mean loss over
+    ranks per step. One worker group serves all runs: starting one is the slow part."""
     import ray.train
     import torch.distributed as dist
 
@@ -45,9 +46,10 @@ def loss_trace_worker(config: dict) -> None:
 
     torch.set_num_threads(1)
     traces = {}
-    for zero_stage in config["zero_stages"]:
+    for run in config["runs"]:
         job = JobConfig.model_validate(config["job"])
-        job.deepspeed.zero_stage = zero_stage
+        job.deepspeed.zero_stage = int(run.removesuffix("+ac"))
+        job.model.activation_checkpointing = "all" if run.endswith("+ac") else "none"
         context = ray.train.get_context()
         trainer = Trainer(job, TrainContext(context.get_world_rank(), context.get_world_size(),
                                             report=lambda metrics, folder: None, tracking_uri=config["tracking_uri"]))
@@ -59,7 +61,7 @@ def loss_trace_worker(config: dict) -> None:
             if dist.is_initialized():
                 dist.all_reduce(loss)
             losses.append(loss.item() / trainer.world_size)
-        traces[zero_stage] = losses
+        traces[run] = losses
         if trainer.tracker is not None:
             trainer.tracker.finish()
     if dist.get_rank() == 0:
@@ -91,7 +93,7 @@ def prepared(tmp_path_factory):
     monkeypatch.undo()
 
 
-def losses_of(prepared, num_workers: int, zero_stages: list[int]) -> dict[str, list[float]]:
+def losses_of(prepared, num_workers: int, runs: list[str]) -> dict[str, list[float]]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -102,7 +104,7 @@ def losses_of(prepared, num_workers: int, zero_stages: list[int]) -> dict[str, l
     losses_file = workdir / f"losses_{num_workers}.json"
     trainer = TorchTrainer(
         loss_trace_worker,
-        train_loop_config={"job": job.model_dump(mode="json"), "zero_stages": zero_stages,
+        train_loop_config={"job": job.model_dump(mode="json"), "runs": runs,
                            "batches": str(workdir / "batches.pt"), "losses_file": str(losses_file),
                            "tracking_uri": f"sqlite:///{workdir}/mlruns/mlflow.db"},
         scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 1}),
@@ -114,12 +116,12 @@ def losses_of(prepared, num_workers: int, zero_stages: list[int]) -> dict[str, l
 
 @pytest.fixture(scope="module")
 def one_worker_losses(prepared):
-    return losses_of(prepared, num_workers=1, zero_stages=[2])["2"]
+    return losses_of(prepared, num_workers=1, runs=["2"])["2"]
 
 
 @pytest.fixture(scope="module")
 def two_worker_losses(prepared):
-    return losses_of(prepared, num_workers=2, zero_stages=[2, 3])
+    return losses_of(prepared, num_workers=2, runs=["2", "3", "3+ac"])
 
 
 # Per-step losses agree to ~1e-3: the point-sampled mask losses draw their random points per worker.
@@ -129,6 +131,10 @@ TOLERANCE = 5e-3
 @pytest.mark.parametrize("zero_stage", ["2", "3"])
 def test_two_workers_match_one_worker(one_worker_losses, two_worker_losses, zero_stage):
     assert two_worker_losses[zero_stage] == pytest.approx(one_worker_losses, rel=TOLERANCE)
+
+
+def test_activation_checkpointing_under_zero3_gives_the_same_losses(two_worker_losses):
+    assert two_worker_losses["3+ac"] == pytest.approx(two_worker_losses["3"], rel=1e-5)
 
 
 def test_tolerance_is_far_below_the_difference_between_batches(one_worker_losses):
