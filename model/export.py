@@ -44,6 +44,7 @@ import model.pixel_decoder as pixel_decoder_module
 from kernels.ms_deform_attn.reference import ms_deform_attn_reference_static
 from kernels.neighborhood_attention.reference import neighborhood_attention_reference
 from model.backbones.dinat import NeighborhoodAttention2D
+from model.backbones.swin import SwinBlock, WindowAttention, shifted_window_mask
 from model.checkpoint import ModelFileError, load_model, read_config
 from model.classes import ClassesFileError, ModelClasses, classes_for_model
 from model.layers import sine_position_encoding
@@ -122,20 +123,76 @@ class BranchFreeNeighborhoodAttention(nn.Module):
             query, key, value, attention.kernel_size, attention.dilation, rpb=attention.rpb
         )
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
-        # Cropped by gathering rows and columns rather than slicing: a slice's strides (and so the layout
-        # choices after it) would depend on whether padding happened, and the trace would fix that choice.
-        rows = torch.arange(height, device=out.device)
-        columns = torch.arange(width, device=out.device)
-        return attention.proj(out.index_select(1, rows).index_select(2, columns))
+        return attention.proj(_crop(out, height, width))
 
 
-def _with_branch_free_neighborhood_attention(module: nn.Module) -> None:
-    """Replace every NeighborhoodAttention2D below `module` by its branch-free wrapper (in place)."""
+class WindowCountSwinBlock(nn.Module):
+    """Swin's SwinBlock (same parameters, shared) with the window grid counted once as (size + w - 1) // w
+    and the shift mask broadcast over the images instead of repeated per window: the same numbers, but the
+    traced sizes stay simple expressions. (The eager block pads by -size % w and repeats the mask
+    num_windows // windows_per_image times; across 24 blocks those nested size expressions cost the tracer's
+    symbolic algebra tens of minutes.)"""
+
+    def __init__(self, block: SwinBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block, window, shift = self.block, self.block.window_size, self.block.shift_size
+        batch, height, width, channels = x.shape
+        rows, columns = (height + window - 1) // window, (width + window - 1) // window
+        shifted = F.pad(block.norm1(x), (0, 0, 0, columns * window - width, 0, rows * window - height))
+        mask = None
+        if shift > 0:
+            shifted = torch.roll(shifted, shifts=(-shift, -shift), dims=(1, 2))
+            mask = shifted_window_mask(rows * window, columns * window, window, shift, x.device)
+        windows = shifted.view(batch, rows, window, columns, window, channels).permute(0, 1, 3, 2, 4, 5)
+        attended = _window_attention(
+            block.attn, windows.reshape(batch, rows * columns, window * window, channels), mask
+        )
+        attended = attended.view(batch, rows, columns, window, window, channels).permute(0, 1, 3, 2, 4, 5)
+        attended = attended.reshape(batch, rows * window, columns * window, channels)
+        if shift > 0:
+            attended = torch.roll(attended, shifts=(shift, shift), dims=(1, 2))
+        x = x + _crop(attended, height, width)  # drop-path is the identity in eval mode
+        return x + block.mlp(block.norm2(x))
+
+
+def _window_attention(
+    attention: WindowAttention, windows: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """WindowAttention.forward on windows [B, nW, area, C] with the mask [nW, area, area] broadcast over B."""
+    batch, num_windows, area, channels = windows.shape
+    heads = attention.num_heads
+    qkv = attention.qkv(windows).reshape(batch, num_windows, area, 3, heads, channels // heads)
+    query, key, value = qkv.permute(3, 0, 1, 4, 2, 5)  # each [B, nW, heads, area, d]
+    bias = attention.relative_position_bias()[None, None]
+    if mask is not None:
+        bias = bias + mask[None, :, None]
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=bias.to(query.dtype), scale=attention.scale
+    )
+    return attention.proj(out.transpose(2, 3).reshape(batch, num_windows, area, channels))
+
+
+def _crop(x: torch.Tensor, height, width) -> torch.Tensor:
+    """x [B, H', W', C] -> [B, height, width, C] by gathering rows and columns rather than slicing: a slice's
+    strides (and so the layout choices after it) would depend on whether padding happened, and the trace
+    would fix that choice for every size."""
+    rows = torch.arange(height, device=x.device)
+    columns = torch.arange(width, device=x.device)
+    return x.index_select(1, rows).index_select(2, columns)
+
+
+def _with_export_blocks(module: nn.Module) -> None:
+    """Replace, in place, every NeighborhoodAttention2D and SwinBlock below `module` by its export form."""
     for name, child in module.named_children():
         if isinstance(child, NeighborhoodAttention2D):
             setattr(module, name, BranchFreeNeighborhoodAttention(child))
+        elif isinstance(child, SwinBlock):
+            setattr(module, name, WindowCountSwinBlock(child))
         else:
-            _with_branch_free_neighborhood_attention(child)
+            _with_export_blocks(child)
 
 
 def _level_shapes_tensor(features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -212,7 +269,7 @@ class InferenceNetwork(nn.Module):
     def __init__(self, model: OneFormer):
         super().__init__()
         self.model = model
-        _with_branch_free_neighborhood_attention(model.backbone)
+        _with_export_blocks(model.backbone)
         # The task MLP reads the raw token ids as floats (see model.task_conditioning): one row per task.
         self.register_buffer("task_token_ids", task_token_ids(list(TASKS)).float(), persistent=False)
 

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from model import make_config
-from model.checkpoint import build_from_config, save_model
+from model.checkpoint import build_from_config, load_model, save_model
+from model.classes import read_classes_file
 from model.export import (
     ExportedProgramModel,
     ExportInfo,
@@ -56,28 +57,22 @@ def random_batch(height: int, width: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny model file (panoptic threshold 0, so the untrained model predicts segments) and its exports."""
+    """A tiny model file (panoptic threshold 0, so the untrained model predicts segments), classes.json beside
+    it, and its exports from one trace: m.pt2 and m.onnx."""
     root = tmp_path_factory.mktemp("export")
     config = make_config("tiny", num_classes=len(CLASSES), object_mask_threshold=0.0)
     torch.manual_seed(0)
     save_model(build_from_config(config).eval(), config, root / "model.pt")
     (root / "classes.json").write_text(json.dumps(CLASSES))
-    assert (
-        export_main(
-            ["--checkpoint", str(root / "model.pt"), "--format", "torch", "--out", str(root / "m.pt2")]
-        )
-        == 0
-    )
-    program = torch.export.load(root / "m.pt2")
-    info = ExportedProgramModel(root / "m.pt2").info
-    save_onnx(program, info, root / "m.onnx")  # from the same program: the CLI path is tested below
+    program = export_program(load_model(root / "model.pt"))
+    info = ExportInfo.of(config, read_classes_file(root / "classes.json"))
+    save_torch(program, info, root / "m.pt2")
+    save_onnx(program, info, root / "m.onnx")
     return {"root": root, "config": config}
 
 
 @pytest.fixture(scope="module")
 def eager(tiny):
-    from model.checkpoint import load_model
-
     return load_model(tiny["root"] / "model.pt")
 
 
@@ -136,9 +131,16 @@ def test_exported_program_runs_without_our_code(tiny, eager):
     assert relative_error(expected_masks, masks) < TOLERANCE
 
 
+@pytest.mark.slow  # a second export, through the command line: minutes on 2 shared cores
 def test_predict_with_onnx_gives_the_eager_segments(tiny, tmp_path):
-    """The same images through `model.predict --checkpoint` and `--onnx`: identical panoptic and semantic
-    maps and segment lists, the same instances (scores to 1e-5)."""
+    """`python -m model.export --format onnx`, then the same images through `model.predict --checkpoint` and
+    `--onnx`: identical panoptic and semantic maps and segment lists, the same instances (scores to 1e-5)."""
+    root = tiny["root"]
+    onnx_file = tmp_path / "cli.onnx"
+    assert (
+        export_main(["--checkpoint", str(root / "model.pt"), "--format", "onnx", "--out", str(onnx_file)])
+        == 0
+    )
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)
@@ -147,11 +149,10 @@ def test_predict_with_onnx_gives_the_eager_segments(tiny, tmp_path):
             images / f"{index}.png"
         )
     common = ["--all-tasks", str(images), "--test-size", "64", "128", "--quiet", "--no-overlays"]
-    root = tiny["root"]
     assert (
         predict_main(["--checkpoint", str(root / "model.pt"), "--out", str(tmp_path / "eager"), *common]) == 0
     )
-    assert predict_main(["--onnx", str(root / "m.onnx"), "--out", str(tmp_path / "onnx"), *common]) == 0
+    assert predict_main(["--onnx", str(onnx_file), "--out", str(tmp_path / "onnx"), *common]) == 0
     for folder in ("panoptic", "semantic"):
         for png in sorted((tmp_path / "eager" / folder).glob("*.png")):
             assert np.array_equal(
