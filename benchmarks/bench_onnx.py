@@ -1,6 +1,6 @@
 """ONNX Runtime vs eager PyTorch inference time on this CPU, side by side in one run, per preset.
 
-    python benchmarks/bench_onnx.py                                   # tiny at 512x512, Swin-L at 384x384
+    python benchmarks/bench_onnx.py                                   # tiny and Swin-L at 512x512
     python benchmarks/bench_onnx.py --presets tiny --size 256 256 --threads 2 --repeats 5
 
 Each preset is built with random weights (timing does not depend on them), exported once through
@@ -36,7 +36,7 @@ from model.export import ExportInfo, OnnxRuntimeModel, export_program, save_onnx
 from model.presets import make_config  # noqa: E402
 
 RESULTS = Path(__file__).with_name("bench_onnx_results.jsonl")
-DEFAULT_SIZES = {"tiny": (512, 512), "swin_l": (384, 384)}
+DEFAULT_SIZES = {"tiny": (512, 512), "swin_l": (512, 512)}
 
 
 def machine() -> dict:
@@ -63,6 +63,12 @@ def median_seconds(run, repeats: int) -> float:
     return statistics.median(times)
 
 
+def classes_of(num_classes: int) -> ModelClasses:
+    return ModelClasses(
+        tuple(f"class{k}" for k in range(num_classes)), (True,) * num_classes, tuple(range(num_classes))
+    )
+
+
 def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
     return float((expected - actual).abs().max() / expected.abs().max())
 
@@ -72,12 +78,10 @@ def bench_preset(preset: str, size: tuple[int, int], threads: int, repeats: int,
     config = make_config(preset)
     model = build_from_config(config).eval()
     started = time.perf_counter()
-    program = export_program(
-        copy.deepcopy(model)
-    )  # the export swaps some blocks in place: keep `model` eager
-    classes = ModelClasses(tuple(f"class{k}" for k in range(config.num_classes)), (True,) * config.num_classes,
-                           tuple(range(config.num_classes)))  # fmt: skip
-    save_onnx(program, ExportInfo.of(config, classes), folder / f"{preset}.onnx")
+    exported = copy.deepcopy(model)  # the export swaps some blocks in place: keep `model` eager
+    info = ExportInfo.of(config, classes_of(config.num_classes), exported)
+    program = export_program(exported)
+    save_onnx(program, info, folder / f"{preset}.onnx")
     export_seconds = time.perf_counter() - started
     del program
     session = OnnxRuntimeModel(folder / f"{preset}.onnx", threads=threads)

@@ -37,6 +37,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import nn
 
@@ -76,6 +77,8 @@ class ExportInfo:
     class_names: tuple[str, ...]
     is_thing: tuple[bool, ...]
     category_ids: tuple[int, ...]
+    min_side: int = 2 * SIZE_MULTIPLE
+    """Smallest height and width the graph takes (see min_side_for)."""
     tasks: tuple[str, ...] = TASKS
 
     def to_json(self) -> str:
@@ -93,11 +96,24 @@ class ExportInfo:
         )
 
     @classmethod
-    def of(cls, config: OneFormerConfig, classes: ModelClasses) -> ExportInfo:
-        return cls(dataclasses.asdict(config), classes.names, classes.is_thing, classes.category_ids)
+    def of(cls, config: OneFormerConfig, classes: ModelClasses, model: OneFormer) -> ExportInfo:
+        return cls(
+            dataclasses.asdict(config),
+            classes.names,
+            classes.is_thing,
+            classes.category_ids,
+            min_side_for(model),
+        )
 
     def model_config(self) -> OneFormerConfig:
-        return OneFormerConfig(**self.config)
+        # JSON turned the config's tuples into lists.
+        return OneFormerConfig(
+            **{
+                **self.config,
+                "pixel_mean": tuple(self.config["pixel_mean"]),
+                "pixel_std": tuple(self.config["pixel_std"]),
+            }
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the network
@@ -146,16 +162,33 @@ class WindowCountSwinBlock(nn.Module):
         if shift > 0:
             shifted = torch.roll(shifted, shifts=(-shift, -shift), dims=(1, 2))
             mask = shifted_window_mask(rows * window, columns * window, window, shift, x.device)
-        windows = shifted.view(batch, rows, window, columns, window, channels).permute(0, 1, 3, 2, 4, 5)
-        attended = _window_attention(
-            block.attn, windows.reshape(batch, rows * columns, window * window, channels), mask
+        to_windows, from_windows = _window_order(rows, columns, window, x.device)
+        pixels = shifted.reshape(batch, -1, channels)  # row-major pixels of the padded map
+        windows = pixels.index_select(1, to_windows).view(batch, rows * columns, window * window, channels)
+        attended = _window_attention(block.attn, windows, mask).reshape(batch, -1, channels)
+        attended = attended.index_select(1, from_windows).view(
+            batch, rows * window, columns * window, channels
         )
-        attended = attended.view(batch, rows, columns, window, window, channels).permute(0, 1, 3, 2, 4, 5)
-        attended = attended.reshape(batch, rows * window, columns * window, channels)
         if shift > 0:
             attended = torch.roll(attended, shifts=(shift, shift), dims=(1, 2))
         x = x + _crop(attended, height, width)  # drop-path is the identity in eval mode
         return x + block.mlp(block.norm2(x))
+
+
+def _window_order(rows, columns, window: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index vectors between the row-major pixels of a (rows x window) x (columns x window) map and the
+    window-major order (window by window, row-major inside each): gathers instead of Swin's view-permute-
+    reshape, whose copy-or-view choice depends on whether there is one window column and would be fixed by
+    the trace."""
+    width = columns * window
+    row, column = torch.arange(rows, device=device), torch.arange(columns, device=device)
+    inside = torch.arange(window, device=device)
+    to_windows = ((row[:, None, None, None] * window + inside[None, None, :, None]) * width
+                  + column[None, :, None, None] * window + inside[None, None, None, :])  # fmt: skip
+    y, x = torch.arange(rows * window, device=device), torch.arange(width, device=device)
+    from_windows = ((((y[:, None] // window) * columns + x[None, :] // window) * window + y[:, None] % window)
+                    * window + x[None, :] % window)  # fmt: skip
+    return to_windows.reshape(-1), from_windows.reshape(-1)
 
 
 def _window_attention(
@@ -283,32 +316,45 @@ class InferenceNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- exporting
-def _dynamic_shapes(max_side: int = MAX_SIDE) -> dict:
-    """Batch, and height and width as multiples of 32, from 64 (the stride-32 map needs two rows and columns
-    for the traced matmul layouts to hold) to max_side."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    height = torch.export.Dim("height_32", min=2, max=max_side // SIZE_MULTIPLE)
-    width = torch.export.Dim("width_32", min=2, max=max_side // SIZE_MULTIPLE)
-    return {
-        "images": {0: batch, 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width},
-        "task_index": {0: batch},
-    }
+def min_side_for(model: OneFormer) -> int:
+    """Smallest height and width one exported graph serves: 64 (two stride-32 rows), and for Swin enough for
+    two windows on the stride-32 map. The trace fixes, per stage, whether the map holds one window or more
+    (reshapes take other paths for one), so every size of a graph must be on the same side of that line."""
+    windows = [module.window_size for module in model.modules() if isinstance(module, SwinBlock)]
+    if windows:
+        return SIZE_MULTIPLE * (max(windows) + 1)
+    return 2 * SIZE_MULTIPLE
 
 
-def example_inputs(batch: int = 2, height: int = 128, width: int = 160) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs to trace with: a batch of two (a batch of one would be specialised) of a size that is not
-    square, so that no two dynamic dimensions are taken to be equal."""
-    images = torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
-    return images, torch.arange(batch) % len(TASKS)
+def _dynamic_shapes(min_side: int, max_side: int = MAX_SIDE) -> dict:
+    """Height and width as multiples of 32, from min_side to max_side; the batch is one image (see
+    export_program)."""
+    height = torch.export.Dim("height_32", min=min_side // SIZE_MULTIPLE, max=max_side // SIZE_MULTIPLE)
+    width = torch.export.Dim("width_32", min=min_side // SIZE_MULTIPLE, max=max_side // SIZE_MULTIPLE)
+    return {"images": {2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width}, "task_index": None}
+
+
+def example_inputs(min_side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs to trace with: one image of the smallest size plus 64, not square (so that the two dynamic
+    dimensions are not taken to be equal), with the panoptic task."""
+    height, width = min_side + 2 * SIZE_MULTIPLE, min_side + 3 * SIZE_MULTIPLE
+    images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
+    return images, torch.tensor([TASKS.index("panoptic")])
 
 
 def export_program(model: OneFormer) -> torch.export.ExportedProgram:
     """torch.export of InferenceNetwork(model) (on the CPU, in eval mode, references for the kernels) with
-    dynamic batch, height and width."""
+    dynamic height and width (from min_side_for(model)) and a batch of one image: the size-oblivious
+    tracing below asserts that a dynamic batch is not 1, so the runtime wrappers run a batch image by image
+    (on a CPU batching gains little)."""
+    min_side = min_side_for(model)
     network = InferenceNetwork(model.cpu().eval()).requires_grad_(False)
-    with torch.no_grad():
-        program = torch.export.export(network, example_inputs(), dynamic_shapes=_dynamic_shapes())
-    return program.run_decompositions()
+    # Size-oblivious reasoning: layout decisions that would differ for a size of 1 are made as for a general
+    # size instead of being guarded on the traced example's sizes.
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        return torch.export.export(
+            network, example_inputs(min_side), dynamic_shapes=_dynamic_shapes(min_side)
+        )
 
 
 def save_torch(program: torch.export.ExportedProgram, info: ExportInfo, path: str | os.PathLike) -> None:
@@ -340,8 +386,10 @@ def export_model(
     if export_format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {export_format!r}")
     config = read_config(checkpoint)
-    info = ExportInfo.of(config, classes_for_model(checkpoint, config.num_classes, classes_file))
-    program = export_program(load_model(checkpoint, training=False))
+    classes = classes_for_model(checkpoint, config.num_classes, classes_file)
+    model = load_model(checkpoint, training=False)
+    info = ExportInfo.of(config, classes, model)
+    program = export_program(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     (save_torch if export_format == "torch" else save_onnx)(program, info, out)
@@ -362,7 +410,7 @@ class ExportedModel(nn.Module):
 
     def forward(self, images: torch.Tensor, tasks: Sequence[str]) -> dict[str, torch.Tensor]:
         height, width = images.shape[-2:]
-        low, high = 2 * SIZE_MULTIPLE, MAX_SIDE
+        low, high = self.info.min_side, MAX_SIDE
         if (
             height % SIZE_MULTIPLE
             or width % SIZE_MULTIPLE
@@ -376,8 +424,12 @@ class ExportedModel(nn.Module):
         if unknown:
             raise ValueError(f"tasks must be drawn from {self.info.tasks}, got {unknown}")
         task_index = torch.tensor([self.info.tasks.index(task) for task in tasks], dtype=torch.long)
-        logits, masks = self.run(images.float().cpu(), task_index)
-        return {"pred_logits": logits, "pred_masks": masks}
+        images = images.float().cpu()
+        per_image = [self.run(images[i : i + 1], task_index[i : i + 1]) for i in range(images.shape[0])]
+        return {
+            "pred_logits": torch.cat([logits for logits, _ in per_image]),
+            "pred_masks": torch.cat([masks for _, masks in per_image]),
+        }
 
     def run(self, images: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -454,8 +506,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(
-        f"wrote {out} ({args.export_format}; inputs images [B, 3, H, W] 0-255 RGB, H and W multiples of "
-        f"{SIZE_MULTIPLE} in [{2 * SIZE_MULTIPLE}, {MAX_SIDE}], task_index [B] into {list(TASKS)})"
+        f"wrote {out} ({args.export_format}): images [1, 3, H, W] float32 RGB 0-255, H and W multiples of "
+        f"{SIZE_MULTIPLE} padded with the pixel mean; task_index [1] int64 into {list(TASKS)}"
     )
     return 0
 
