@@ -194,18 +194,20 @@ def _window_order(rows, columns, window: int, device) -> tuple[torch.Tensor, tor
 def _window_attention(
     attention: WindowAttention, windows: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
-    """WindowAttention.forward on windows [B, nW, area, C] with the mask [nW, area, area] broadcast over B."""
+    """WindowAttention.forward on windows [B, nW, area, C] with the mask [nW, area, area] broadcast over B
+    (attention on 4-D tensors: ONNX's attention takes no more)."""
     batch, num_windows, area, channels = windows.shape
     heads = attention.num_heads
-    qkv = attention.qkv(windows).reshape(batch, num_windows, area, 3, heads, channels // heads)
-    query, key, value = qkv.permute(3, 0, 1, 4, 2, 5)  # each [B, nW, heads, area, d]
+    qkv = attention.qkv(windows).reshape(batch * num_windows, area, 3, heads, channels // heads)
+    query, key, value = qkv.permute(2, 0, 3, 1, 4)  # each [B * nW, heads, area, d]
     bias = attention.relative_position_bias()[None, None]
     if mask is not None:
         bias = bias + mask[None, :, None]
+    bias = bias.expand(batch, num_windows, heads, area, area).reshape(batch * num_windows, heads, area, area)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=bias.to(query.dtype), scale=attention.scale
     )
-    return attention.proj(out.transpose(2, 3).reshape(batch, num_windows, area, channels))
+    return attention.proj(out.transpose(1, 2).reshape(batch, num_windows, area, channels))
 
 
 def _crop(x: torch.Tensor, height, width) -> torch.Tensor:

@@ -200,22 +200,25 @@ def test_onnx_runtime_refuses_an_unpadded_size_with_a_message(tiny):
 @pytest.mark.slow
 def test_swin_l_exports_equal_eager_at_small_inputs(tmp_path):
     """The real Swin-L preset (ADE20K heads, 218.8M parameters) at two inputs near its smallest (416: two
-    windows on the stride-32 map), every task: the torch.export program and ONNX Runtime against eager."""
+    windows on the stride-32 map), every task: the torch.export program and ONNX Runtime against the eager
+    model, image by image as the exports run (a batch of several changes fp32 rounding in eager, and 24
+    random-weight blocks amplify it past 1e-4)."""
     torch.manual_seed(0)
     config = make_config("swin_l")
     model = build_from_config(config).eval()
     images = {size: random_batch(*size, seed=size[1]) for size in ((416, 448), (448, 512))}
-    expected = {size: eager_outputs(model, batch, list(TASKS)) for size, batch in images.items()}
+    expected = {(size, index): eager_outputs(model, batch[index : index + 1], [task])
+                for size, batch in images.items() for index, task in enumerate(TASKS)}  # fmt: skip
     info = ExportInfo.of(config, _classes(config.num_classes), model)
     program = export_program(model)
     save_torch(program, info, tmp_path / "swin.pt2")
     save_onnx(program, info, tmp_path / "swin.onnx")
     del program, model
     for runtime in (ExportedProgramModel(tmp_path / "swin.pt2"), OnnxRuntimeModel(tmp_path / "swin.onnx")):
-        for size, batch in images.items():
-            got = runtime(batch, list(TASKS))
-            assert relative_error(expected[size][0], got["pred_logits"]) < TOLERANCE, (type(runtime), size)
-            assert relative_error(expected[size][1], got["pred_masks"]) < TOLERANCE, (type(runtime), size)
+        for (size, index), (logits, masks) in expected.items():
+            got = runtime(images[size][index : index + 1], [TASKS[index]])
+            assert relative_error(logits, got["pred_logits"]) < TOLERANCE, (type(runtime), size, TASKS[index])
+            assert relative_error(masks, got["pred_masks"]) < TOLERANCE, (type(runtime), size, TASKS[index])
 
 
 def _classes(num_classes: int):
