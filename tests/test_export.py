@@ -6,6 +6,7 @@ and `model.predict --onnx` gives the eager model's segments."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -200,6 +201,12 @@ def test_onnx_runtime_refuses_an_unpadded_size_with_a_message(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("ONEFORMER_REAL_SIZE_EXPORT") != "1",
+    reason="real-size export parity: about 9 minutes, and it leaves some 4 GB resident in the test process, "
+    "which then starves the DiNAT-L recipe smoke run of this 23.5 GB machine; run it alone with "
+    "ONEFORMER_REAL_SIZE_EXPORT=1 pytest tests/test_export.py -k swin_l",
+)
 def test_swin_l_exports_equal_eager_at_small_inputs(tmp_path):
     """The real Swin-L preset (ADE20K heads, 218.8M parameters) at two inputs near its smallest (416: two
     windows on the stride-32 map), every task: the torch.export program and ONNX Runtime against the eager
