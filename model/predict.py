@@ -96,13 +96,13 @@ class Predictor:
         config = read_config(checkpoint)
         classes = classes_for_model(checkpoint, config.num_classes, classes_file)
         network = load_model(checkpoint, training=False).to(_device(device))
-        return cls(
-            network,
-            classes,
-            thresholds_from_config(config),
-            resolve_inference_size(config, test_size),
-            config.size_divisibility,
-        )
+        return cls._for_config(network, classes, config, test_size)
+
+    @classmethod
+    def _for_config(cls, network, classes: ModelClasses, config, test_size) -> Predictor:
+        """A predictor with the thresholds, test size and size multiple of the network's config."""
+        return cls(network, classes, thresholds_from_config(config), resolve_inference_size(config, test_size),
+                   config.size_divisibility)  # fmt: skip
 
     @classmethod
     def from_onnx(
@@ -118,13 +118,7 @@ class Predictor:
         network = OnnxRuntimeModel(path, threads=threads)
         config, info = network.config, network.info
         classes = ModelClasses(info.class_names, info.is_thing, info.category_ids)
-        return cls(
-            network,
-            classes,
-            thresholds_from_config(config),
-            resolve_inference_size(config, test_size),
-            config.size_divisibility,
-        )
+        return cls._for_config(network, classes, config, test_size)
 
     def predict(self, images: Sequence[torch.Tensor], task: str, multiscale: bool = False) -> list:
         """Results (model.inference) of [3, H, W] RGB 0-255 images, one per image, at each image's size."""
