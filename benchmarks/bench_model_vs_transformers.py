@@ -24,7 +24,13 @@ Configurations:
 On a GPU, times are taken after torch.cuda.synchronize() and memory is the peak of torch's allocator during
 one step minus what was allocated before it.
 
-    .venv/bin/python benchmarks/bench_model_vs_transformers.py [--configs tiny small] [--steps 3] [--batch 2] [--threads 1]
+Our model runs plain and in each requested variant (`--variants ac compile`: activation checkpointing of every
+repeated block, torch.compile per block), each timed beside the port in the same alternation; the last column
+is a variant's time over our plain step. `--real-size swin_l dinat_l` adds one training step of those presets at
+640 x 640, batch 1, ours only (plain and each variant), a fresh process each: step time and peak RSS.
+
+    .venv/bin/python benchmarks/bench_model_vs_transformers.py [--configs tiny small] [--variants ac] [--steps 3] [--batch 2] [--threads 1]
+    .venv/bin/python benchmarks/bench_model_vs_transformers.py --configs --real-size swin_l dinat_l
     .venv/bin/python benchmarks/bench_model_vs_transformers.py --device cuda --configs swin_l_640 --steps 10
 """
 
