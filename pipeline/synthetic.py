@@ -12,19 +12,32 @@ seed and library versions):
     OUT/annotations/panoptic_{train,val}/<id:012d>.png    segment ids as id = R + 256 G + 256^2 B, 0 = void
 
 Category ids are deliberately non-contiguous, as in COCO, so that every consumer maps them from the data.
+
+The same images can be written as the other formats users bring (`--format`, pipeline/data/readers.py):
+
+    coco_instances: OUT/{train,val}/<id>.jpg, OUT/annotations/instances_{train,val}.json
+        the thing instances only, each with its whole (unoccluded) shape, so instances overlap: polygons (one
+        per shape; vertices clipped to the image), compressed RLE (rings, which have a hole, and every other
+        instance) and, for a crowd cluster, one uncompressed RLE with iscrowd 1
+    semantic_png:   OUT/images/{train,val}/<id>.jpg, OUT/labels/{train,val}/<id>.png, OUT/classes.txt
+        one label per pixel, the class's line in classes.txt (all ten classes), 255 where void
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from model.formats import mask_to_rle, write_label_png
+
 MAX_SEGMENT_ID = 256**3 - 1
+FORMATS = ("coco_panoptic", "coco_instances", "semantic_png")
+SEMANTIC_IGNORE_LABEL = 255
 
 
 @dataclass(frozen=True)
@@ -103,6 +116,57 @@ def _stuff_texture(name: str, base: np.ndarray, ys: np.ndarray, xs: np.ndarray, 
 
 
 # ---------------------------------------------------------------------------------------------- one image
+@dataclass(frozen=True)
+class Shape:
+    """One painted thing shape, whole (before later shapes covered parts of it)."""
+
+    name: str
+    cy: float
+    cx: float
+    radius: float
+    angle: float
+    mask: np.ndarray = field(repr=False)
+
+    def polygon(self, height: int, width: int) -> list[float] | None:
+        """COCO polygon [x0, y0, x1, y1, ...] of the shape (pixel-edge coordinates, clipped to the image);
+        None for a ring, which has a hole."""
+        vertices = _SHAPE_VERTICES.get(self.name)
+        if vertices is None:
+            return None
+        u, v = (np.asarray(c, np.float64) * self.radius for c in zip(*vertices()))
+        cos, sin = np.cos(self.angle), np.sin(self.angle)
+        xs = np.clip(self.cx + cos * u - sin * v, 0, width)  # the inverse of _shape_mask's rotation
+        ys = np.clip(self.cy + sin * u + cos * v, 0, height)
+        return [round(float(c), 2) for point in zip(xs, ys) for c in point]
+
+
+def _disc_vertices(count: int = 24):
+    angles = np.arange(count) * 2 * np.pi / count
+    return list(zip(np.cos(angles), np.sin(angles)))
+
+
+def _cross_vertices():
+    a = 0.3
+    return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+
+
+_SHAPE_VERTICES = {  # (u, v) of each shape's corners in its own frame, in units of the radius
+    "disc": _disc_vertices,
+    "square": lambda: [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)],
+    "triangle": lambda: [(0.0, -1.0), (np.sqrt(3) / 2, 0.5), (-np.sqrt(3) / 2, 0.5)],
+    "cross": _cross_vertices,
+    "diamond": lambda: [(1.0, 0.0), (0.0, 1 / 1.3), (-1.0, 0.0), (0.0, -1 / 1.3)],
+}
+
+
+@dataclass(frozen=True)
+class Scene:
+    image: np.ndarray  # uint8 [H, W, 3]
+    ids: np.ndarray  # int64 [H, W] segment ids, 0 = void
+    segments_info: list[dict]
+    thing_shapes: dict[int, list[Shape]]  # visible thing segment id -> its whole shapes
+
+
 class _ImagePainter:
     """Paints one image and its segment-id map; keeps the segments in painting order."""
 
@@ -113,6 +177,7 @@ class _ImagePainter:
         self.ids = np.zeros((height, width), np.int64)
         self.segments: list[dict] = []
         self._used_ids: set[int] = {0}
+        self.shapes: dict[int, list[Shape]] = {}  # thing segment id -> its painted shapes, whole
 
     def new_segment(self, category: Category, iscrowd: bool) -> int:
         segment_id = 0
@@ -145,6 +210,7 @@ class _ImagePainter:
     def paint_thing(self, category: Category, cy: float, cx: float, radius: float, segment_id: int) -> None:
         angle = float(self.rng.uniform(0, np.pi))
         mask = _shape_mask(category.name, self.ys, self.xs, cy, cx, radius, angle)
+        self.shapes.setdefault(segment_id, []).append(Shape(category.name, cy, cx, radius, angle, mask))
         color = np.array(category.color, np.float64) + self.rng.normal(0, 10, 3)
         shading = 1 + 0.15 * ((self.ys[mask] - cy) / max(radius, 1.0))  # a little light from above
         self.pixels[mask] = color[None, :] * shading[:, None]
@@ -187,11 +253,13 @@ class _ImagePainter:
             self.ids[top : top + box_h, left : left + box_w] = 0
             self.pixels[top : top + box_h, left : left + box_w] = self.rng.uniform(0, 255, 3)
 
-    def finish(self) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-        """uint8 image, segment-id map, and segments_info with area and bbox of what stayed visible."""
+    def finish(self) -> Scene:
+        """uint8 image, segment-id map, segments_info with area and bbox of what stayed visible, and the
+        whole shapes of the visible thing segments."""
         noisy = self.pixels + self.rng.normal(0, 4, self.pixels.shape)
         image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
-        return image, self.ids, [info for info in map(self._with_geometry, self.segments) if info["area"] > 0]
+        segments = [info for info in map(self._with_geometry, self.segments) if info["area"] > 0]
+        return Scene(image, self.ids, segments, {s["id"]: self.shapes[s["id"]] for s in segments if s["id"] in self.shapes})
 
     def _with_geometry(self, segment: dict) -> dict:
         rows, cols = np.nonzero(self.ids == segment["id"])
@@ -204,7 +272,13 @@ class _ImagePainter:
 
 
 def render_image(seed: int, index: int, settings: GeneratorSettings = GeneratorSettings()):
-    """Image `index` of the dataset with `seed`: (uint8 [H, W, 3], int64 ids [H, W], segments_info).
+    """Image `index` of the dataset with `seed`: (uint8 [H, W, 3], int64 ids [H, W], segments_info)."""
+    scene = render_scene(seed, index, settings)
+    return scene.image, scene.ids, scene.segments_info
+
+
+def render_scene(seed: int, index: int, settings: GeneratorSettings = GeneratorSettings()) -> Scene:
+    """Image `index` of the dataset with `seed`, with its panoptic annotation and its things' whole shapes.
 
     Each image has its own generator seeded by (seed, index), so an image does not depend on how many others
     are made."""
@@ -245,51 +319,152 @@ def split_assignment(num_images: int, seed: int, val_fraction: float) -> list[st
     return splits
 
 
+def _save_jpeg(image: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image).save(path, quality=95, subsampling=0)
+
+
+def uncompressed_rle(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE (what COCO uses for crowd regions): run lengths in column-major order, starting
+    with a run of zeros."""
+    flat = np.asarray(mask, np.uint8).ravel(order="F")
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    return {"size": list(mask.shape), "counts": ([0] if flat[0] else []) + counts}
+
+
+def instance_annotations(scene: Scene, image_id: int, first_id: int) -> list[dict]:
+    """COCO instance annotations of a scene's visible things, ids from first_id (see the module docstring for
+    which encoding each gets)."""
+    from pycocotools import mask as mask_util
+
+    height, width = scene.ids.shape
+    annotations = []
+    for info in scene.segments_info:
+        shapes = scene.thing_shapes.get(info["id"])
+        if shapes is None:
+            continue
+        annotation_id = first_id + len(annotations)
+        whole = np.logical_or.reduce([shape.mask for shape in shapes])
+        if info["iscrowd"]:
+            segmentation = uncompressed_rle(whole)
+            rle = mask_util.frPyObjects(segmentation, height, width)
+        elif shapes[0].name == "ring" or annotation_id % 2 == 0:
+            segmentation = rle = mask_to_rle(whole)
+        else:
+            segmentation = [shapes[0].polygon(height, width)]
+            rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+        annotations.append({"id": annotation_id, "image_id": image_id, "category_id": info["category_id"],
+                            "segmentation": segmentation, "area": float(mask_util.area(rle)),
+                            "bbox": [float(v) for v in mask_util.toBbox(rle)], "iscrowd": info["iscrowd"]})
+    return annotations
+
+
+def semantic_labels(scene: Scene) -> np.ndarray:
+    """uint8 [H, W]: each pixel's class as its line in classes.txt (CATEGORIES order), SEMANTIC_IGNORE_LABEL
+    where void."""
+    line_of = {category.id: line for line, category in enumerate(CATEGORIES)}
+    labels = np.full(scene.ids.shape, SEMANTIC_IGNORE_LABEL, np.uint8)
+    for info in scene.segments_info:
+        labels[scene.ids == info["id"]] = line_of[info["category_id"]]
+    return labels
+
+
+class _DatasetWriter:
+    """Writes the scenes of one dataset in one format; `finish` returns the annotation file per split."""
+
+    def __init__(self, out: Path, seed: int):
+        self.out, self.seed = out, seed
+        self.records: dict[str, dict[str, list]] = {s: {"images": [], "annotations": []} for s in ("train", "val")}
+
+    def image_entry(self, split: str, image_id: int, scene: Scene) -> str:
+        stem = f"{image_id:012d}"
+        self.records[split]["images"].append(
+            {"id": image_id, "file_name": f"{stem}.jpg", "height": scene.image.shape[0], "width": scene.image.shape[1]}
+        )
+        return stem
+
+    def write_json(self, kind: str, description: str, categories: list[dict]) -> dict[str, Path]:
+        json_paths = {}
+        for split, record in self.records.items():
+            if not record["images"]:
+                continue
+            document = {
+                "info": {"description": f"OneFormer synthetic {description} dataset, seed {self.seed}", "version": "1.0"},
+                "licenses": [],
+                "images": record["images"],
+                "annotations": record["annotations"],
+                "categories": categories,
+            }
+            json_paths[split] = self.out / "annotations" / f"{kind}_{split}.json"
+            json_paths[split].write_text(json.dumps(document))
+        return json_paths
+
+
+class _PanopticWriter(_DatasetWriter):
+    def add(self, split: str, image_id: int, scene: Scene) -> None:
+        stem = self.image_entry(split, image_id, scene)
+        (self.out / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
+        _save_jpeg(scene.image, self.out / split / f"{stem}.jpg")
+        Image.fromarray(ids_to_rgb(scene.ids)).save(self.out / "annotations" / f"panoptic_{split}" / f"{stem}.png")
+        self.records[split]["annotations"].append(
+            {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": scene.segments_info}
+        )
+
+    def finish(self) -> dict[str, Path]:
+        return self.write_json("panoptic", "panoptic", categories_json())
+
+
+class _InstanceWriter(_DatasetWriter):
+    def add(self, split: str, image_id: int, scene: Scene) -> None:
+        stem = self.image_entry(split, image_id, scene)
+        _save_jpeg(scene.image, self.out / split / f"{stem}.jpg")
+        annotations = self.records[split]["annotations"]
+        annotations += instance_annotations(scene, image_id, first_id=len(annotations) + 1)
+
+    def finish(self) -> dict[str, Path]:
+        (self.out / "annotations").mkdir(parents=True, exist_ok=True)
+        things = [{"id": c.id, "name": c.name, "supercategory": "thing"} for c in THING_CATEGORIES]
+        return self.write_json("instances", "COCO instance", things)
+
+
+class _SemanticWriter(_DatasetWriter):
+    def add(self, split: str, image_id: int, scene: Scene) -> None:
+        stem = self.image_entry(split, image_id, scene)
+        _save_jpeg(scene.image, self.out / "images" / split / f"{stem}.jpg")
+        write_label_png(self.out / "labels" / split / f"{stem}.png", semantic_labels(scene))
+
+    def finish(self) -> dict[str, Path]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "classes.txt").write_text("".join(f"{c.name}\n" for c in CATEGORIES))
+        return {split: self.out / "labels" / split for split, record in self.records.items() if record["images"]}
+
+
+_WRITERS = {"coco_panoptic": _PanopticWriter, "coco_instances": _InstanceWriter, "semantic_png": _SemanticWriter}
+
+
 def generate_dataset(
     out_dir: str | Path,
     num_images: int,
     seed: int = 0,
     val_fraction: float = 0.2,
     settings: GeneratorSettings = GeneratorSettings(),
+    dataset_format: str = "coco_panoptic",
 ) -> dict[str, Path]:
-    """Write the dataset under `out_dir`; returns the panoptic JSON path per split."""
+    """Write the dataset under `out_dir` in `dataset_format` (FORMATS); returns the annotation JSON per split
+    (semantic_png: the label folder)."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if not 16 <= settings.min_size <= settings.max_size:
         raise ValueError(f"need 16 <= min_size <= max_size, got {settings.min_size}, {settings.max_size}")
-    out = Path(out_dir)
-    splits = split_assignment(num_images, seed, val_fraction)
-    records: dict[str, dict[str, list]] = {s: {"images": [], "annotations": []} for s in ("train", "val")}
-    for index, split in enumerate(splits):
-        image, ids, segments_info = render_image(seed, index, settings)
-        image_id = index + 1
-        stem = f"{image_id:012d}"
-        (out / split).mkdir(parents=True, exist_ok=True)
-        (out / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(out / split / f"{stem}.jpg", quality=95, subsampling=0)
-        Image.fromarray(ids_to_rgb(ids)).save(out / "annotations" / f"panoptic_{split}" / f"{stem}.png")
-        records[split]["images"].append(
-            {"id": image_id, "file_name": f"{stem}.jpg", "height": image.shape[0], "width": image.shape[1]}
-        )
-        records[split]["annotations"].append(
-            {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments_info}
-        )
-    json_paths = {}
-    for split, record in records.items():
-        if not record["images"]:
-            continue
-        document = {
-            "info": {"description": f"OneFormer synthetic panoptic dataset, seed {seed}", "version": "1.0"},
-            "licenses": [],
-            "images": record["images"],
-            "annotations": record["annotations"],
-            "categories": categories_json(),
-        }
-        json_paths[split] = out / "annotations" / f"panoptic_{split}.json"
-        json_paths[split].write_text(json.dumps(document))
-    return json_paths
+    if dataset_format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {dataset_format!r}")
+    writer = _WRITERS[dataset_format](Path(out_dir), seed)
+    for index, split in enumerate(split_assignment(num_images, seed, val_fraction)):
+        writer.add(split, index + 1, render_scene(seed, index, settings))
+    return writer.finish()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -300,10 +475,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.2)
     parser.add_argument("--min-size", type=int, default=GeneratorSettings.min_size)
     parser.add_argument("--max-size", type=int, default=GeneratorSettings.max_size)
+    parser.add_argument("--format", choices=FORMATS, default="coco_panoptic",
+                        help="COCO panoptic (default), COCO instance JSON, or semantic label PNGs + classes.txt")
     args = parser.parse_args(argv)
     settings = GeneratorSettings(min_size=args.min_size, max_size=args.max_size)
     try:
-        paths = generate_dataset(args.out, args.num_images, args.seed, args.val_fraction, settings)
+        paths = generate_dataset(args.out, args.num_images, args.seed, args.val_fraction, settings, args.format)
     except ValueError as err:
         parser.error(str(err))
     for split, path in paths.items():

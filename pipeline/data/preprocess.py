@@ -24,8 +24,17 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_util
 
-from pipeline.data.readers import ClassInfo, RawRecord, RawSplit, read_split
+from pipeline.data.readers import (
+    SOURCE_INSTANCES,
+    SOURCE_PANOPTIC,
+    SOURCE_SEMANTIC,
+    ClassInfo,
+    RawRecord,
+    RawSplit,
+    read_split,
+)
 from pipeline.data.settings import DatasetSettings, PreprocessSettings
 from pipeline.data.shards import (
     CHECKSUM_KEY,
@@ -72,8 +81,16 @@ def _file_state(path: str) -> list[int] | None:
 def _record_state(record: RawRecord) -> list:
     """Everything about a record that its shard depends on. JSON with ensure_ascii keeps any name (also the
     surrogate escapes of non-UTF-8 bytes) encodable."""
-    return [record.image_id, record.image_path, record.panoptic_path, record.height, record.width,
-            list(record.segments), _file_state(record.image_path), _file_state(record.panoptic_path)]
+    state = [record.image_id, record.image_path, record.panoptic_path, record.height, record.width,
+             list(record.segments), _file_state(record.image_path), _file_state(record.panoptic_path)]
+    if record.source != SOURCE_PANOPTIC:  # panoptic records keep the fingerprints earlier versions wrote
+        state += [record.source, record.label_path, _file_state(record.label_path), record.ignore_label]
+    return state
+
+
+def _input_bytes(record: RawRecord) -> int:
+    files = (_file_state(path) for path in (record.image_path, record.annotation_path) if path)
+    return sum(file[0] for file in files if file is not None)
 
 
 def _fingerprint(states: list[list]) -> str:
@@ -94,10 +111,9 @@ def plan_shards(split: RawSplit, target_shard_mb: float, max_images: int | None 
         plans.append(ShardPlan(f"{split.name}-{len(plans):06d}.tar", tuple(current), _fingerprint(states)))
 
     for record in records:
-        state = _record_state(record)
         current.append(record)
-        states.append(state)
-        current_bytes += sum(file[0] for file in state[-2:] if file is not None)
+        states.append(_record_state(record))
+        current_bytes += _input_bytes(record)
         if current_bytes >= target:
             close_shard()
             current, states, current_bytes = [], [], 0
@@ -107,17 +123,95 @@ def plan_shards(split: RawSplit, target_shard_mb: float, max_images: int | None 
 
 
 # ---------------------------------------------------------------------------------------------- one sample
-def _encode_record(record: RawRecord, classes: ClassInfo, hasher) -> dict[str, bytes]:
-    """Read, validate and encode one image; raises BadSampleError with the reason."""
+def _read_inputs(record: RawRecord, hasher) -> tuple[bytes, bytes]:
+    """The image's bytes and those of its pixel annotation (b"" when the JSON holds it), both hashed."""
     try:
         with open(record.image_path, "rb") as handle:
             image_bytes = handle.read()
-        with open(record.panoptic_path, "rb") as handle:
-            png_bytes = handle.read()
+        annotation_bytes = b""
+        if record.annotation_path:
+            with open(record.annotation_path, "rb") as handle:
+                annotation_bytes = handle.read()
     except OSError as error:
         raise BadSampleError(f"cannot read: {printable(str(error))}") from error
     hasher.update(image_bytes)
-    hasher.update(png_bytes)
+    hasher.update(annotation_bytes)
+    if record.source == SOURCE_INSTANCES:
+        hasher.update(json.dumps(record.segments, sort_keys=True).encode())
+    return image_bytes, annotation_bytes
+
+
+def _panoptic_ids(record: RawRecord, png_bytes: bytes, classes: ClassInfo):
+    try:
+        with Image.open(io.BytesIO(png_bytes)) as png:
+            return rgb_to_ids(np.asarray(png.convert("RGB"))), record.segments
+    except Exception as error:
+        raise BadSampleError(f"corrupt panoptic PNG {printable(record.panoptic_path)}: {error}") from error
+
+
+def _instance_mask(segmentation, height: int, width: int) -> np.ndarray:
+    """bool [H, W] of COCO polygons, uncompressed RLE (counts a list) or compressed RLE (counts a string)."""
+    if isinstance(segmentation, list):
+        rle = mask_util.merge(mask_util.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_util.frPyObjects(segmentation, height, width)
+    else:
+        rle = {"size": segmentation["size"], "counts": segmentation["counts"].encode("ascii")}
+    return mask_util.decode(rle).astype(bool)
+
+
+def instance_ids(segments: tuple[dict, ...], height: int, width: int) -> np.ndarray:
+    """The id map of instance annotations: where they overlap, the smaller (fewer pixels) lies on top, and of
+    two equal ones the later annotation id; pixels of no instance are void (0). Crowd regions are segments
+    like any other (iscrowd stays in the table)."""
+    masks = [_instance_mask(segment["segmentation"], height, width) for segment in segments]
+    areas = [int(mask.sum()) for mask in masks]
+    ids = np.zeros((height, width), np.int64)
+    for index in sorted(range(len(segments)), key=lambda i: (-areas[i], segments[i]["id"])):
+        ids[masks[index]] = segments[index]["id"]
+    return ids
+
+
+def _instances_ids(record: RawRecord, _: bytes, classes: ClassInfo):
+    try:
+        return instance_ids(record.segments, record.height, record.width), record.segments
+    except Exception as error:  # pycocotools raises plain exceptions for malformed counts
+        raise BadSampleError(f"instance annotations do not decode: {error}") from error
+
+
+LABEL_PNG_MODES = ("L", "P", "I", "I;16")
+"""Single-channel PNG modes: the pixel value (for palette PNGs the index) is the label."""
+
+
+def _semantic_ids(record: RawRecord, png_bytes: bytes, classes: ClassInfo):
+    """Label PNG -> ids (label value + 1, ignore_label -> 0 void) and one stuff segment per class present."""
+    try:
+        with Image.open(io.BytesIO(png_bytes)) as png:
+            png.load()
+            mode, labels = png.mode, np.asarray(png).astype(np.int64)
+    except Exception as error:
+        raise BadSampleError(f"corrupt label PNG {printable(record.label_path)}: {error}") from error
+    if mode not in LABEL_PNG_MODES:
+        raise BadSampleError(f"label PNG {printable(record.label_path)} has mode {mode}; a label PNG has one "
+                             f"channel ({', '.join(LABEL_PNG_MODES)})")
+    ignore_label = record.ignore_label
+    present = [int(v) for v in np.unique(labels) if v != ignore_label]
+    unknown = sorted(set(present) - set(classes.category_ids))
+    if unknown:
+        raise BadSampleError(f"{printable(record.label_path)}: label values {unknown[:5]} are not in the class "
+                             "list (nor the ignore label)")
+    ids = np.where(labels == ignore_label, 0, labels + 1)
+    return ids, tuple({"id": value + 1, "category_id": value, "iscrowd": 0} for value in present)
+
+
+ANNOTATION_DECODERS = {SOURCE_PANOPTIC: _panoptic_ids, SOURCE_INSTANCES: _instances_ids, SOURCE_SEMANTIC: _semantic_ids}
+"""Each source's pixels -> (raw id map [H, W], segments {"id", "category_id", "iscrowd"}), the one form
+encode_panoptic takes, so every format becomes the same shard schema."""
+
+
+def _encode_record(record: RawRecord, classes: ClassInfo, hasher) -> dict[str, bytes]:
+    """Read, validate and encode one image; raises BadSampleError with the reason."""
+    image_bytes, annotation_bytes = _read_inputs(record, hasher)
     try:
         with Image.open(io.BytesIO(image_bytes)) as picture:
             picture.load()
@@ -126,17 +220,16 @@ def _encode_record(record: RawRecord, classes: ClassInfo, hasher) -> dict[str, b
         raise BadSampleError(f"corrupt image {printable(record.image_path)}: {error}") from error
     if width == 0 or height == 0:
         raise BadSampleError(f"empty image {printable(record.image_path)}")
-    try:
-        with Image.open(io.BytesIO(png_bytes)) as png:
-            ids = rgb_to_ids(np.asarray(png.convert("RGB")))
-    except Exception as error:
-        raise BadSampleError(f"corrupt panoptic PNG {printable(record.panoptic_path)}: {error}") from error
+    if record.source == SOURCE_INSTANCES and (record.height, record.width) != (height, width):
+        raise BadSampleError(f"image is {height}x{width} but the annotation JSON says {record.height}x{record.width}")
+    ids, segments = ANNOTATION_DECODERS[record.source](record, annotation_bytes, classes)
     if ids.shape != (height, width):
-        raise BadSampleError(f"image is {height}x{width} but its panoptic PNG is {ids.shape[0]}x{ids.shape[1]}")
+        raise BadSampleError(f"image is {height}x{width} but its {record.source} annotation is "
+                             f"{ids.shape[0]}x{ids.shape[1]}")
     try:
-        index_map, table = encode_panoptic(ids, record.segments, classes)
+        index_map, table = encode_panoptic(ids, segments, classes)
     except BadSampleError as error:
-        raise BadSampleError(f"{printable(record.panoptic_path)}: {error}") from error
+        raise BadSampleError(f"{printable(record.annotation_path or record.image_path)}: {error}") from error
     image_ext = "png" if image_format == "PNG" else "jpg"
     if image_format not in ("PNG", "JPEG"):
         # Keep the member's extension truthful: other formats are re-encoded losslessly as PNG.
@@ -320,13 +413,42 @@ def _sha256_file(path: str) -> str:
     return digest.hexdigest()
 
 
+def _printable_problems(problems: tuple[dict, ...]) -> list[dict]:
+    return [{key: printable(value) if isinstance(value, str) else value for key, value in problem.items()}
+            for problem in problems]
+
+
+def _check_annotations(split: RawSplit, on_error: str) -> None:
+    """Annotations that cannot be drawn (coco_instances): the first one ends the run under on_error 'fail';
+    under 'skip' they are left out, logged here and listed in the manifest."""
+    bad = split.bad_annotations
+    if not bad:
+        return
+    first = bad[0]
+    where = (f"annotation {first['annotation_id']!r} of image {printable(first['image_id'])} in "
+             f"{printable(first['file'])}: {first['reason']}")
+    if on_error == "fail":
+        raise PreprocessError(f"bad annotation {where} ({len(bad)} bad annotations in split {split.name!r}; set "
+                              "preprocess.on_error: skip to leave them out, counted in the manifest)")
+    log.warning("%s: leaving out %d bad annotations (listed in the manifest); the first, %s", split.name, len(bad),
+                where)
+
+
+def _unannotated_note(split: RawSplit) -> str:
+    if not split.unannotated:
+        return ""
+    return (f" ({len(split.unannotated)} images, none with a usable annotation; "
+            f"{len(split.bad_annotations)} annotations were bad)")
+
+
 def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, split_name: str) -> dict:
     """Write (or finish writing) one split's shards and manifest; returns the split's summary."""
     started = time.perf_counter()
     split = read_split(dataset, split_name)
+    _check_annotations(split, settings.on_error)
     if not split.records:
         raise PreprocessError(f"split {split_name!r} has no images: {printable(split.annotation_json)} lists no "
-                              "annotations")
+                              "annotations" + _unannotated_note(split))
     folder = f"{settings.output.rstrip('/')}/{split_name}"
     fs, root = fsspec.core.url_to_fs(folder)
     fs.makedirs(root, exist_ok=True)
@@ -336,7 +458,7 @@ def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, spl
     todo = [plan for plan in plans if plan.name not in reused]
     written = {d["name"]: d for d in _write_shards(todo, split.classes, folder, settings)} if todo else {}
     shards = [reused.get(plan.name) or written[plan.name] for plan in plans]
-    skipped = [problem for shard in shards for problem in shard["skipped"]]
+    skipped = [problem for shard in shards for problem in shard["skipped"]] + _printable_problems(split.unannotated)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "dataset_format": dataset.format,
@@ -344,6 +466,8 @@ def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, spl
         "num_samples": sum(shard["num_samples"] for shard in shards),
         "num_skipped": len(skipped),
         "skipped": skipped,
+        "num_skipped_annotations": len(split.bad_annotations),
+        "skipped_annotations": _printable_problems(split.bad_annotations),
         "classes": split.classes.to_json(),
         "source": {"annotation_json": split.annotation_json, "sha256": _sha256_file(split.annotation_json)},
         "shards": [
@@ -361,6 +485,7 @@ def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, spl
         "split": split_name,
         "num_samples": manifest["num_samples"],
         "num_skipped": len(skipped),
+        "num_skipped_annotations": len(split.bad_annotations),
         "num_shards": len(plans),
         "shards_written": len(todo),
         "shards_reused": len(reused),
@@ -384,7 +509,8 @@ def run_preprocess(dataset: DatasetSettings, settings: PreprocessSettings) -> li
             ray.shutdown()
     for summary in summaries:
         log.info(
-            "%(split)s: %(num_samples)d samples (%(num_skipped)d skipped) in %(num_shards)d shards "
+            "%(split)s: %(num_samples)d samples (%(num_skipped)d skipped, %(num_skipped_annotations)d bad "
+            "annotations left out) in %(num_shards)d shards "
             "(%(shards_written)d written, %(shards_reused)d reused) in %(seconds).1fs -> %(output)s",
             summary,
         )

@@ -9,7 +9,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DatasetFormat = Literal["coco_panoptic", "ade20k_panoptic", "cityscapes_panoptic", "custom_coco_panoptic"]
+DatasetFormat = Literal[
+    "coco_panoptic", "ade20k_panoptic", "cityscapes_panoptic", "custom_coco_panoptic", "coco_instances", "semantic_png"
+]
+UNREAD_SPLIT_PATHS = {"coco_instances": ("panoptic_dir", "label_dir"), "semantic_png": ("annotation_json", "panoptic_dir")}
+"""Split paths a format has no use for (the panoptic formats: label_dir): setting one is a mistake."""
 AugmentationPreset = Literal["ade20k", "cityscapes", "coco_lsj", "none"]
 CROP_CANVAS_PRESETS = ("ade20k", "coco_lsj")
 """Presets whose official mapper pads every training crop to the crop size with raw value 128."""
@@ -23,10 +27,15 @@ class SplitPaths(BaseModel):
 
     image_dir: str | None = Field(None, description="Folder holding the split's images.")
     annotation_json: str | None = Field(
-        None, description="COCO-panoptic JSON of the split (images, annotations, categories)."
+        None, description="COCO-panoptic JSON (panoptic formats) or COCO instance JSON (coco_instances) of the "
+        "split: images, annotations, categories."
     )
     panoptic_dir: str | None = Field(
         None, description="Folder of the split's panoptic PNGs (id = R + 256 G + 256^2 B, 0 = void)."
+    )
+    label_dir: str | None = Field(
+        None, description="semantic_png: folder of the split's label PNGs (one per image, same file stem, "
+        "single channel: the pixel value is the class's line in data.class_list)."
     )
 
 
@@ -38,7 +47,9 @@ class DatasetSettings(BaseModel):
 
     format: DatasetFormat = Field(
         description="Layout of the raw data: COCO 2017 panoptic, the detectron2 ADE20K-150 panoptic "
-        "conversion, the cityscapesscripts gtFine panoptic export, or any COCO-panoptic dataset."
+        "conversion, the cityscapesscripts gtFine panoptic export, any COCO-panoptic dataset, COCO instance "
+        "JSON (polygons or RLE, iscrowd; every category a thing), or semantic label PNGs with a class list "
+        "(every class stuff). All become the same shards (pipeline/data/SCHEMA.md)."
     )
     root: str = Field(description="Dataset root folder; relative split paths are resolved against it.")
     train_split: str = Field("train", description="Name of the training split ('train' or 'val' style).")
@@ -49,6 +60,13 @@ class DatasetSettings(BaseModel):
     )
     expected_num_classes: int | None = Field(
         None, ge=1, description="If set, reading fails unless the annotation JSON has this many categories."
+    )
+    class_list: str = Field(
+        "classes.txt", description="semantic_png: text file (relative to root, or absolute) naming one class per "
+        "line; line i (from 0) is label value i. The line of ignore_label, if any, names no class."
+    )
+    ignore_label: int = Field(
+        255, ge=0, le=65535, description="semantic_png: label value of unlabelled pixels (void in the shards)."
     )
 
     @model_validator(mode="after")
@@ -61,6 +79,11 @@ class DatasetSettings(BaseModel):
                 f"splits has entries {sorted(unknown)} that are neither train_split "
                 f"{self.train_split!r} nor val_split {self.val_split!r}"
             )
+        unread = UNREAD_SPLIT_PATHS.get(self.format, ("label_dir",))
+        for name, paths in self.splits.items():
+            for field in unread:
+                if getattr(paths, field) is not None:
+                    raise ValueError(f"splits.{name}.{field} is not read by format {self.format!r}")
         return self
 
 

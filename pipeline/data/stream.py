@@ -51,7 +51,7 @@ from pipeline.data.shards import (
     read_manifest,
     verify_shard,
 )
-from pipeline.data.targets import plan_targets, render_masks
+from pipeline.data.targets import describe_tasks, plan_targets, render_masks, task_thresholds_for_data
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,9 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         self.shard_urls = [f"{shard_folder.rstrip('/')}/{shard['name']}" for shard in self.manifest["shards"]]
         self.on_error = on_error
         self.training, self.augment_params, self.batch_size = training, augment_params, batch_size
-        self.num_text_slots, self.task_thresholds = num_text_slots, task_thresholds
+        # A task the data has no targets for (instance without a thing class) is never drawn.
+        self.num_text_slots = num_text_slots
+        self.task_thresholds = task_thresholds_for_data(task_thresholds, self.classes)
         self.shuffle_buffer = shuffle_buffer if training else 1
         self.shuffle_shards = shuffle_shards and training
         self.seed, self.image_pad_value, self.size_divisibility = seed, image_pad_value, size_divisibility
@@ -483,6 +485,9 @@ def build_train_loader(settings: StreamSettings, inputs: ModelInputs, shard_fold
         size_divisibility=inputs.size_divisibility, canvas=training_canvas(settings), rank=rank, world_size=world_size,
         on_error=settings.on_error,
     )
+    if rank == 0:
+        log.info("training tasks of %s: %s", printable(shard_folder), describe_tasks(settings.task_thresholds,
+                                                                                    stream.classes))
     return ResumableLoader(stream, settings.loader_workers)
 
 

@@ -74,6 +74,42 @@ def encode_panoptic(ids: np.ndarray, segments: tuple[dict, ...] | list[dict], cl
     return index_map, table
 
 
+# ---------------------------------------------------------------------------------------------- tasks per dataset
+def data_tasks(classes: ClassInfo) -> tuple[str, ...]:
+    """The tasks the data gives targets for. Semantic and panoptic always: on data with no stuff class
+    (instance annotations) panoptic is the things with the rest void and semantic covers the thing classes;
+    on data with no thing class (semantic label PNGs) panoptic is one segment per stuff class present.
+    Instance only with a thing class: without one its targets would always be empty."""
+    return tuple(task for task in TASKS if task != "instance" or any(classes.isthing))
+
+
+def task_thresholds_for_data(thresholds: tuple[float, float], classes: ClassInfo) -> tuple[float, float]:
+    """The stream's cumulative task thresholds (semantic, instance) with a task the data does not support
+    given no share: the others keep their proportions."""
+    if "instance" in data_tasks(classes):
+        return thresholds
+    semantic, panoptic = thresholds[0], 1.0 - thresholds[1]
+    if semantic + panoptic <= 0:
+        raise ValueError(f"stream.task_thresholds {tuple(thresholds)} give every image the instance task, but the "
+                         "data has no thing class")
+    share = semantic / (semantic + panoptic)
+    return (share, share)
+
+
+def describe_tasks(thresholds: tuple[float, float], classes: ClassInfo) -> str:
+    """One line for the log: each task's share and what it means on this data."""
+    low, high = task_thresholds_for_data(thresholds, classes)
+    shares = {"semantic": low, "instance": high - low, "panoptic": 1.0 - high}
+    listed = ", ".join(f"{task} {shares[task]:.2f}" for task in data_tasks(classes))
+    if not any(classes.isthing):
+        meaning = "no thing class: no instance task; panoptic = the stuff segments"
+    elif all(classes.isthing):
+        meaning = "no stuff class: panoptic = things + void, semantic over the thing classes"
+    else:
+        meaning = "things and stuff"
+    return f"{listed} ({classes.num_classes} classes, {meaning})"
+
+
 @dataclass
 class TargetPlan:
     """Which masks one task's targets hold, so that rendering them is at most one table lookup and T

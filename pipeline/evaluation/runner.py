@@ -131,7 +131,8 @@ class EvaluationOptions:
             scales = TTA_FACTORS if self.size is None else self.size.tta_factors
         if self.semantic_multiscale and (not scales or min(scales) <= 0):
             raise ValueError(f"multiscale_scales must be positive factors, got {tuple(scales)}")
-        # AP needs thing classes; without any it is left out rather than failing.
+        # Metrics the data supports: AP needs thing classes (semantic label PNGs have none), so without any it
+        # is left out rather than failing; PQ and mIoU are defined on any data.
         metrics = tuple(m for m in self.metrics if m != "ap" or any(self.classes.isthing))
         object.__setattr__(self, "metrics", metrics)
         object.__setattr__(self, "multiscale_scales", tuple(float(s) for s in scales))
@@ -254,8 +255,13 @@ class PartialResults:
         return details
 
     def compute(self, details: dict[str, dict] | None = None) -> dict[str, float]:
-        """Flat headline numbers: PQ/SQ/RQ (all, things, stuff), AP, mIoU and pixel accuracy, in percent."""
-        return report.summarize(self.compute_details() if details is None else details)
+        """Flat headline numbers: PQ/SQ/RQ (all, things, stuff), AP, mIoU and pixel accuracy, in percent; the
+        things or stuff figures only when the data has such classes (they would read 0, measured on nothing)."""
+        summary = report.summarize(self.compute_details() if details is None else details)
+        classes = self.options.classes
+        absent = [suffix for suffix, present in (("_th", any(classes.isthing)), ("_st", not all(classes.isthing)))
+                  if not present]
+        return {name: value for name, value in summary.items() if not name.endswith(tuple(absent))}
 
 
 def merge_parts(parts: Sequence[PartialResults]) -> PartialResults:
