@@ -30,7 +30,7 @@ def relayout(source_root: str, target_root: str, dataset_format: str, splits=("t
         with open(os.path.join(source_root, "annotations", f"panoptic_{split}.json")) as handle:
             document = json.load(handle)
         target = default_split_paths(dataset_format, split)
-        paths = {k: os.path.join(target_root, v) for k, v in target.model_dump().items()}
+        paths = {k: os.path.join(target_root, v) for k, v in target.model_dump().items() if v is not None}
         os.makedirs(paths["panoptic_dir"], exist_ok=True)
         images = {image["id"]: image for image in document["images"]}
         for index, annotation in enumerate(document["annotations"]):
