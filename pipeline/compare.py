@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import TrackingSettings, resolve_path
+from pipeline.registry import versions_of_run
 
 DEFAULT_PARAMS = ("model.preset", "training.max_steps", "deepspeed.zero_stage", "deepspeed.precision",
                   "scaling.num_workers")
@@ -50,6 +51,8 @@ class RunSummary:
     status: str
     params: dict[str, str]
     metrics: dict[str, float]
+    model_versions: list[str] = field(default_factory=list)
+    """Registered model versions made from the run ('name vN roles @aliases', pipeline/registry.py)."""
 
 
 @dataclass
@@ -184,6 +187,7 @@ def render_table(summaries: list[RunSummary], params: Sequence[str], metrics: Se
         table.add_column(row.label, justify="right", overflow="fold")
     table.add_row("run id", *(row.run_id[:8] for row in summaries))
     table.add_row("status", *(row.status for row in summaries))
+    table.add_row("model versions", *("\n".join(row.model_versions) or MISSING for row in summaries))
     table.add_section()
     for name in params:
         table.add_row(name, *(row.params.get(name, MISSING) for row in summaries))
@@ -200,9 +204,10 @@ def write_csv(path: Path, summaries: list[RunSummary], params: Sequence[str], me
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["run", "run_id", "status", *params, *metrics])
+        writer.writerow(["run", "run_id", "status", "model_versions", *params, *metrics])
         for row in summaries:
-            writer.writerow([row.label, row.run_id, row.status, *(row.params.get(name, "") for name in params),
+            writer.writerow([row.label, row.run_id, row.status, "; ".join(row.model_versions),
+                             *(row.params.get(name, "") for name in params),
                              *(repr(row.metrics[name]) if name in row.metrics else "" for name in metrics)])
 
 
@@ -275,6 +280,8 @@ def compare(tracking_uri: str, experiment: str | None = None, runs: Sequence[str
         client = open_client(tracking_uri)
         found = find_runs(client, experiment, runs)
         summaries = summarize(found, params, metrics)
+        for row in summaries:
+            row.model_versions = versions_of_run(client, row.run_id)
         comparison = Comparison(runs=summaries, params=list(params), metrics=list(metrics))
         comparison.absent_params = [p for p in params if not any(p in row.params for row in summaries)]
         comparison.absent_metrics = [m for m in metrics if not any(m in row.metrics for row in summaries)]

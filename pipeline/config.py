@@ -166,7 +166,16 @@ class TrainingSettings(_Section):
     log_every: int = Field(20, ge=1, description="Steps between metric logs.")
     eval_every: int | None = Field(None, ge=1, description="Steps between validations; default: only at the end.")
     checkpoint_every: int = Field(1000, ge=1, description="Steps between checkpoints.")
-    keep_checkpoints: int = Field(2, ge=1, description="Latest checkpoints kept (the best by validation PQ is kept too).")
+    keep_checkpoints: int = Field(2, ge=1, description="Latest checkpoints kept in this job's storage (older ones are "
+                                  "deleted and marked so in MLflow); the best model by validation PQ is exported to "
+                                  "<storage_path>/<name>/best/ whatever this is.")
+    resume_from: str | None = Field(
+        None, description="Start from a tracked checkpoint: runs:/<run id> (that MLflow run's latest kept checkpoint), "
+                          "runs:/<run id>@step=<N>, or a checkpoint folder (path or URL). Ignored once this job has "
+                          "checkpoints of its own. The world size must be the checkpoint's.")
+    resume_mode: Literal["auto", "continue", "fork"] = Field(
+        "auto", description="continue: the same MLflow run goes on; fork: a child run of it. auto: continue from the "
+                            "run's latest checkpoint with the same recipe, fork otherwise (the log says why).")
 
     @model_validator(mode="after")
     def _schedule_is_consistent(self) -> TrainingSettings:
@@ -178,6 +187,12 @@ class TrainingSettings(_Section):
             raise ValueError(f"step_milestones must be increasing and below max_steps ({self.max_steps})")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below max_steps ({self.max_steps})")
+        if self.resume_from is None and self.resume_mode != "auto":
+            raise ValueError(f"resume_mode is {self.resume_mode!r} but resume_from is not set")
+        if self.resume_from is not None:
+            from pipeline.tracked_checkpoints import parse_resume_reference
+
+            parse_resume_reference(self.resume_from)
         return self
 
 
@@ -207,6 +222,11 @@ class TrackingSettings(_Section):
     experiment: str = Field("oneformer", description="MLflow experiment name.")
     run_name: str | None = Field(None, description="MLflow run name; default: the job name and a timestamp.")
     log_pictures: int = Field(4, ge=0, description="Overlay pictures per task logged at each validation.")
+    registered_model: str | None = Field(
+        None, description="MLflow Model Registry name under which the exported best and final models are registered "
+                          "(alias best: the best validation PQ; models:/<name>/latest: the last final model); default: the "
+                          "experiment's name.")
+    register_models: bool = Field(True, description="Register the exported models in the MLflow Model Registry.")
 
 
 class ScalingSettings(_Section):
@@ -344,9 +364,18 @@ def work_directory() -> Path:
     return Path(os.environ.get(WORKDIR_ENV) or os.getcwd()).resolve()
 
 
+MLFLOW_URI_SCHEMES = ("runs:/", "models:/")
+
+
+def is_uri(value: str) -> bool:
+    """A URL or an MLflow URI rather than a local path."""
+    return "://" in value or value.startswith(MLFLOW_URI_SCHEMES)
+
+
 def resolve_path(value: str, base: Path | None = None) -> str:
-    """Absolute local path for a relative one; URLs (s3://, gs://, file://, ...) and absolute paths unchanged."""
-    if "://" in value or os.path.isabs(value):
+    """Absolute local path for a relative one; URLs (s3://, gs://, file://, ...), MLflow URIs (runs:/, models:/)
+    and absolute paths unchanged."""
+    if is_uri(value) or os.path.isabs(value):
         return value
     return str(((base or work_directory()) / os.path.expanduser(value)).resolve())
 
@@ -414,6 +443,8 @@ def _resolve_paths(job: JobConfig) -> None:
     if job.tracking.tracking_uri.startswith("sqlite:///") and not job.tracking.tracking_uri.startswith("sqlite:////"):
         job.tracking.tracking_uri = "sqlite:///" + resolve_path(job.tracking.tracking_uri.removeprefix("sqlite:///"))
     job.scaling.storage_path = resolve_path(job.scaling.storage_path)
+    if job.training is not None and job.training.resume_from is not None:
+        job.training.resume_from = resolve_path(job.training.resume_from)
     for name in ("checkpoint", "output", "shards"):
         if getattr(job.evaluation, name) is not None:
             setattr(job.evaluation, name, resolve_path(getattr(job.evaluation, name)))
@@ -438,7 +469,7 @@ def _check_inputs_exist(job: JobConfig, source: str) -> None:
     if job.preprocess is not None and job.synthetic_dataset is None:
         inputs["data.root"] = job.data.root
     for key, path in inputs.items():
-        if path and "://" not in path and not os.path.exists(path):
+        if path and not is_uri(path) and not os.path.exists(path):
             raise JobConfigError(f"{source}: {key}: file not found: {path}")
     _check_shards_exist(job, source)
 

@@ -3,7 +3,7 @@
     python -m pipeline.evaluate panoptic --gt-json F --gt-folder D --pred-json F --pred-folder D [--json-out F]
     python -m pipeline.evaluate instance --gt-json F --results-json F [--gt-folder D] [--json-out F]
     python -m pipeline.evaluate semantic --gt-folder D --pred-folder D --num-classes K [--ignore-label 255]
-    python -m pipeline.evaluate model --checkpoint model.pt --shards DIR [--classes classes.json]
+    python -m pipeline.evaluate model --checkpoint model.pt|models:/NAME/VERSION --shards DIR [--classes classes.json]
         [--metrics pq ap miou] [--num-workers N] [--max-images M] [--multiscale] [--test-size SHORT MAX | none]
         [--out DIR] [--json-out F] [--on-error skip|fail]
 
@@ -59,9 +59,10 @@ def run_semantic(args) -> tuple[dict, list[Table]]:
 
 def run_model(args) -> tuple[dict, list[Table]]:
     from pipeline.evaluation.runner import evaluate_model
+    from pipeline.registry import local_model_file
 
     result = evaluate_model(
-        args.checkpoint, args.shards, classes=args.classes, metrics=args.metrics, num_workers=args.num_workers,
+        local_model_file(args.checkpoint), args.shards, classes=args.classes, metrics=args.metrics, num_workers=args.num_workers,
         max_images=args.max_images, batch_size=args.batch_size, multiscale=args.multiscale,
         test_size=_test_size(args.test_size), out=args.out, pictures=args.pictures, device=args.device,
         on_error=args.on_error,
@@ -80,7 +81,9 @@ def _test_size(values: list[str] | None) -> tuple[int, int] | str | None:
 
 def _add_model_parser(tasks) -> argparse.ArgumentParser:
     model = tasks.add_parser("model", help="run a model file on a split's shards (optionally over Ray workers)")
-    model.add_argument("--checkpoint", required=True, help="model file (model/checkpoint.py format)")
+    model.add_argument("--checkpoint", required=True,
+                       help="model file (model/checkpoint.py format), or models:/<name>/<version> or "
+                            "models:/<name>@<alias> from the MLflow Model Registry (MLFLOW_TRACKING_URI)")
     model.add_argument("--shards", required=True, help="split folder holding manifest.json and the shards")
     model.add_argument("--classes", default=None, help="classes.json exported with the model; default: the manifest's")
     model.add_argument("--metrics", nargs="+", choices=("pq", "ap", "miou"), default=["pq", "ap", "miou"])
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         results, tables = args.run(args)
-    except (EvaluationInputError, ValueError, FileNotFoundError, ShardError, SchemaVersionError) as error:
+    except (EvaluationInputError, ValueError, FileNotFoundError, ShardError, SchemaVersionError) as error:  # RegistryError too
         print(f"error: {error}", file=sys.stderr)
         return 2
     for table in tables:

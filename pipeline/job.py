@@ -60,9 +60,12 @@ def run_evaluation_stage(job: JobConfig) -> dict:
 
     from pipeline.evaluation.report import model_tables
     from pipeline.evaluation.runner import evaluate_model
+    from pipeline.registry import local_model_file
+    from pipeline.tracking import resolve_tracking_uri
 
     evaluation = job.evaluation
-    result = evaluate_model(evaluation.checkpoint, f"{job.evaluation_shards().rstrip('/')}/{job.data.val_split}",
+    checkpoint = local_model_file(evaluation.checkpoint, resolve_tracking_uri(job))
+    result = evaluate_model(checkpoint, f"{job.evaluation_shards().rstrip('/')}/{job.data.val_split}",
                             metrics=evaluation.metrics, num_workers=evaluation.num_workers,
                             max_images=evaluation.max_images, multiscale=evaluation.semantic_multiscale,
                             test_size=evaluation.test_size, out=evaluation.output, pictures=job.tracking.log_pictures)
@@ -94,8 +97,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from pipeline.data.preprocess import PreprocessError
     from pipeline.data.shards import SchemaVersionError, ShardError
     from pipeline.evaluation.panoptic_format import EvaluationInputError
+    from pipeline.registry import RegistryError
+    from pipeline.tracked_checkpoints import ResumeError
 
-    return JobConfigError, PreprocessError, ShardError, SchemaVersionError, EvaluationInputError, FileNotFoundError
+    return (JobConfigError, PreprocessError, ShardError, SchemaVersionError, EvaluationInputError, FileNotFoundError,
+            ResumeError, RegistryError)
 
 
 def run_job(job: JobConfig, overrides: list[str] | None = None) -> None:

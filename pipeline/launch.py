@@ -19,6 +19,7 @@ from rich.table import Table
 from pipeline.cluster import connect_ray
 from pipeline.config import JobConfig
 from pipeline.distributed import configure_deepspeed_environment
+from pipeline.tracked_checkpoints import resolve_resume_source
 from pipeline.tracking import create_local_store, resolve_tracking_uri
 
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -34,25 +35,31 @@ def train_worker(config: dict) -> None:
 
     context = ray.train.get_context()
 
-    def report(metrics: dict, folder: str | None) -> None:
-        ray.train.report(metrics, checkpoint=None if folder is None else ray.train.Checkpoint.from_directory(folder))
+    def report(metrics: dict, folder: str, name: str) -> None:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder), checkpoint_dir_name=name)
 
-    def trainer_for(resume_from: str | None) -> Trainer:
+    def trainer_for(resume_from: str | None, fork_from: dict | None = None) -> Trainer:
         return Trainer(job, TrainContext(context.get_world_rank(), context.get_world_size(), report,
-                                         config["tracking_uri"], resume_from, config.get("run_tags") or {}))
+                                         config["tracking_uri"], resume_from, config.get("run_tags") or {}, fork_from))
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, start = ray.train.get_checkpoint(), config.get("start_from")
+    fork_from = None
+    if checkpoint is None and start is not None:  # this job's first attempt starts from a tracked checkpoint
+        checkpoint = ray.train.Checkpoint(start["uri"])
+        fork_from = start if start["mode"] == "fork" else None
     if checkpoint is None:
         trainer = trainer_for(None)
     else:
         with checkpoint.as_directory() as folder:  # the Trainer reads it while being built
-            trainer = trainer_for(folder)
+            trainer = trainer_for(folder, fork_from)
     trainer.fit()
 
 
 def ray_job_tags() -> dict[str, str]:
-    """The Ray job id and, for a `ray job submit`, the submission id that `ray job logs/status` take."""
-    tags = {"ray_job_id": ray.get_runtime_context().get_job_id()}
+    """The Ray job id, the cluster's address and, for a `ray job submit`, the submission id that `ray job
+    logs/status` take."""
+    runtime = ray.get_runtime_context()
+    tags = {"ray_job_id": runtime.get_job_id(), "ray_cluster": runtime.gcs_address}
     injected = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))  # set for submitted jobs' drivers
     submission_id = injected.get("metadata", {}).get("job_submission_id")
     if submission_id:
@@ -73,7 +80,7 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
-                           "run_tags": {**ray_job_tags(), **(run_tags or {})}},
+                           "run_tags": {**ray_job_tags(), **(run_tags or {})}, "start_from": _start_from(job)},
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
         run_config=RunConfig(
@@ -87,12 +94,30 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
     return result
 
 
+def _start_from(job: JobConfig) -> dict | None:
+    """training.resume_from resolved on the driver (pipeline/tracked_checkpoints.py), unless this job has run
+    before: then Ray Train restores the job's own latest checkpoint and resume_from has done its part."""
+    if job.training.resume_from is None or _has_run_before(job):
+        return None
+    source = resolve_resume_source(job, resolve_tracking_uri(job))
+    action = "continues MLflow run" if source.mode == "continue" else "forks a child run of"
+    print(f"{job.name}: starts from {source.uri} (step {source.step}) and {action} {source.run_id or '-'}: "
+          f"{source.reason}")
+    canonical = f"runs:/{source.run_id}@step={source.step}" if source.run_id else source.uri
+    return {"uri": source.uri, "mode": source.mode, "run_id": source.run_id, "step": source.step,
+            "reference": canonical}
+
+
+def _has_run_before(job: JobConfig) -> bool:
+    fs, path = fsspec.core.url_to_fs(f"{job.scaling.storage_path.rstrip('/')}/{job.name}")
+    return fs.exists(f"{path}/{CHECKPOINT_SNAPSHOT}")
+
+
 def completed_run(job: JobConfig):
     """The Ray Train result of this job's earlier run when its latest checkpoint already reached max_steps."""
-    folder = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
-    fs, path = fsspec.core.url_to_fs(folder)
-    if not fs.exists(f"{path}/{CHECKPOINT_SNAPSHOT}"):
+    if not _has_run_before(job):
         return None
+    folder = f"{job.scaling.storage_path.rstrip('/')}/{job.name}"
     previous = ray.train.Result.from_path(folder)
     step = (previous.metrics or {}).get("step", 0)
     return previous if step >= job.training.max_steps else None

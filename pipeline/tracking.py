@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import JobConfig
@@ -46,34 +47,45 @@ def _git_commit() -> str:
 
 
 class RunTracker:
-    """One MLflow run: params, tags, metrics and artifacts, with failed metric and artifact calls buffered."""
+    """One MLflow run: params, tags, metrics and artifacts, with failed calls buffered and replayed in order.
+
+    `run_id` reopens an existing run (a restarted worker group, or another job continuing it) in its own
+    experiment and under its own name; otherwise a new run starts in the job's experiment, as a child of
+    `parent_run_id` when given (a fork)."""
 
     def __init__(self, job: JobConfig, tracking_uri: str, run_id: str | None = None, retry_interval_s: float = 30.0,
-                 tags: dict[str, str] | None = None):
+                 tags: dict[str, str] | None = None, parent_run_id: str | None = None):
         for name, value in HTTP_RETRY_DEFAULTS.items():
             os.environ.setdefault(name, value)
         import mlflow
 
         self._mlflow = mlflow
-        self._pending: list[tuple[dict, int]] = []
-        self._pending_artifacts: list[tuple[str, str | None]] = []
+        self._pending: list[tuple[str, Callable[[], object]]] = []
         self._retry_interval_s = retry_interval_s
         self._unreachable_since: float | None = None
         mlflow.set_tracking_uri(tracking_uri)
-        _ensure_experiment(mlflow, tracking_uri, job.tracking.experiment)
-        self.run = mlflow.start_run(run_id=run_id, run_name=job.tracking.run_name or job.name)
+        self.client = mlflow.MlflowClient(tracking_uri)
         if run_id is None:
+            _ensure_experiment(mlflow, tracking_uri, job.tracking.experiment)
+            self.run = mlflow.start_run(run_name=job.tracking.run_name or job.name, parent_run_id=parent_run_id)
             self._log_run_description(job, tags or {})
+        else:  # in its own experiment, whatever this job's is (a run cannot move), keeping its name
+            mlflow.set_experiment(experiment_id=self.client.get_run(run_id).info.experiment_id)
+            self.run = mlflow.start_run(run_id=run_id)
 
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
 
+    @property
+    def experiment_name(self) -> str:
+        return self.client.get_experiment(self.run.info.experiment_id).name
+
     def _log_run_description(self, job: JobConfig, tags: dict[str, str]) -> None:
         import ray
         import torch
 
-        flat = _flatten(job.model_dump(mode="json"))
+        flat = flatten(job.model_dump(mode="json"))
         self._mlflow.log_params({key: str(value)[:500] for key, value in flat.items()})
         self._mlflow.set_tags({
             "git_commit": _git_commit(), "torch": torch.__version__, "ray": ray.__version__,
@@ -86,18 +98,30 @@ class RunTracker:
         if params:
             self._mlflow.log_params(params)
 
+    def current_tags(self) -> dict[str, str]:
+        """The run's tags as the store has them now."""
+        return dict(self.client.get_run(self.run_id).data.tags)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._pending.append((metrics, step))
-        self._flush()
+        self.defer(f"metrics of step {step}", lambda: self._mlflow.log_metrics(metrics, step))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if tags:
+            self.defer(f"tags {sorted(tags)}", lambda: self._mlflow.set_tags(tags))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Uploads now, or later if the server is away; the file must stay in place until `finish`."""
-        self._pending_artifacts.append((str(path), artifact_path))
+        self.defer(f"artifact {path}", lambda: self._mlflow.log_artifact(str(path), artifact_path))
+
+    def defer(self, description: str, call: Callable[[], object]) -> None:
+        """Make `call` to the store now, or after the calls before it once the store answers again. `call`
+        talks to the store itself, not through this tracker."""
+        self._pending.append((description, call))
         self._flush()
 
     @property
     def num_pending(self) -> int:
-        return len(self._pending) + len(self._pending_artifacts)
+        return len(self._pending)
 
     def _flush(self, force: bool = False) -> None:
         """Send buffered calls in order; stop at the first failure and keep the rest."""
@@ -106,11 +130,8 @@ class RunTracker:
             return
         try:
             while self._pending:
-                self._mlflow.log_metrics(*self._pending[0])
+                self._pending[0][1]()
                 self._pending.pop(0)
-            while self._pending_artifacts:
-                self._mlflow.log_artifact(*self._pending_artifacts[0])
-                self._pending_artifacts.pop(0)
         except Exception as err:  # noqa: BLE001 - any tracking failure must not stop training
             self._unreachable_since = time.monotonic()
             log.warning("MLflow unreachable (%s); %d calls buffered, next try in %.0f s",
@@ -125,8 +146,7 @@ class RunTracker:
         run that raised); what still fails is named in a warning."""
         self._flush(force=True)
         if self.num_pending:
-            log.warning("MLflow still unreachable: %d metric batches and artifacts %s not logged", len(self._pending),
-                        [path for path, _ in self._pending_artifacts])
+            log.warning("MLflow still unreachable: not logged: %s", "; ".join(name for name, _ in self._pending))
             return
         try:
             self._mlflow.end_run(status=status)
@@ -151,12 +171,13 @@ def _ensure_experiment(mlflow, tracking_uri: str, name: str) -> None:
     mlflow.set_experiment(name)
 
 
-def _flatten(document: dict, prefix: str = "") -> dict:
+def flatten(document: dict, prefix: str = "") -> dict:
+    """Nested sections as dotted keys (the form of the run's params)."""
     flat = {}
     for key, value in document.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat

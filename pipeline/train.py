@@ -39,6 +39,15 @@ from pipeline.data.stream import ModelInputs, build_eval_loader, build_train_loa
 from pipeline.distributed import full_state_dict, wrap_with_deepspeed
 from pipeline.evaluation.report import save_pictures
 from pipeline.evaluation.runner import EvaluationOptions, evaluate, merge_parts, split_quota
+from pipeline.registry import ExportedModel, register_exported_models
+from pipeline.tracked_checkpoints import (
+    FORKED_FROM_TAG,
+    CheckpointLedger,
+    CheckpointRecord,
+    checkpoint_dir_name,
+    job_contribution_tags,
+    records_from_tags,
+)
 from pipeline.tracking import RunTracker
 
 log = logging.getLogger("pipeline.train")
@@ -51,12 +60,17 @@ class TrainContext:
 
     rank: int
     world_size: int
-    report: Callable[[dict, str | None], None]
-    """report(metrics, checkpoint folder or None): hands a checkpoint (and its metrics) to the launcher."""
+    report: Callable[[dict, str, str], None]
+    """report(metrics, checkpoint folder, checkpoint name): hands a checkpoint and its metrics to the launcher."""
     tracking_uri: str
     resume_from: str | None = None
     """A local checkpoint folder written by `Trainer.save_checkpoint`."""
     run_tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Tags of a new MLflow run; `ray_job_id`, `ray_submission_id` and `ray_cluster` also name the job in the
+    run's job.NNN tags (pipeline/tracked_checkpoints.py)."""
+    fork_from: dict | None = None
+    """When `resume_from` is another run's checkpoint to fork: {"run_id", "reference", "step"} of it; the
+    Trainer then starts a child run of that run instead of continuing it."""
 
 
 def read_classes(job: JobConfig) -> ClassInfo:
@@ -109,12 +123,34 @@ class Trainer:
         self.run_id: str | None = None
         if context.resume_from is not None:
             self.load_checkpoint(context.resume_from)
-        self.tracker = None
+        if context.fork_from is not None:  # the step, weights and stream go on; the run and its best start anew
+            self.run_id, self.best = None, None
+        self.tracker: RunTracker | None = None
+        self.ledger: CheckpointLedger | None = None
         if self.rank == 0 and not self.finished:
-            self.tracker = RunTracker(job, context.tracking_uri, run_id=self.run_id, tags=context.run_tags)
-            if self.run_id is None:
-                self.tracker.log_params(initialised)
-            self.run_id = self.tracker.run_id
+            self._open_run(initialised)
+
+    def _open_run(self, initialised: dict[str, str]) -> None:
+        """Rank 0: open (or reopen) the MLflow run, read its checkpoint records and record this job in it."""
+        context, fork = self.context, self.context.fork_from
+        tags = context.run_tags if fork is None else {**context.run_tags, FORKED_FROM_TAG: fork["reference"]}
+        self.tracker = RunTracker(self.job, context.tracking_uri, run_id=self.run_id, tags=tags,
+                                  parent_run_id=fork and fork["run_id"])
+        if self.run_id is None:
+            self.tracker.log_params(initialised)
+        self.run_id = self.tracker.run_id
+        existing = self.tracker.current_tags()
+        self.ledger = CheckpointLedger(records_from_tags(existing), self.job_folder, self.job.training.keep_checkpoints)
+        contribution = {"job": self.job.name, "ray_job_id": context.run_tags.get("ray_job_id"),
+                        "ray_submission_id": context.run_tags.get("ray_submission_id"),
+                        "cluster": context.run_tags.get("ray_cluster"), "storage": self.job_folder,
+                        "from_step": self.step}
+        self.tracker.set_tags(job_contribution_tags(existing, contribution))
+
+    @property
+    def job_folder(self) -> str:
+        """Where this job's checkpoints and exported models go: <storage_path>/<job name>."""
+        return f"{self.job.scaling.storage_path.rstrip('/')}/{self.job.name}"
 
     @property
     def finished(self) -> bool:
@@ -265,7 +301,7 @@ class Trainer:
         log.info("validation at step %d: %s", self.step, " ".join(f"{k}={v:.2f}" for k, v in summary.items()))
         pq = summary.get("val/PQ")
         if pq is not None and (self.best is None or pq > self.best["val/PQ"]):
-            self.best = {"step": self.step, **summary}
+            self.best = {"step": self.step, **summary, "location": f"{self.job_folder}/best"}
             shutil.rmtree(self._write_model_files(state, "best", self.best))
         if self.tracker is not None:
             pictures = Path(tempfile.mkdtemp(prefix="pictures_"))
@@ -274,11 +310,34 @@ class Trainer:
         if final:
             folder = self._write_model_files(state, "model", summary)
             if self.tracker is not None:
-                for name in ("model.pt", "classes.json"):
-                    self.tracker.log_artifact(folder / name, "model")
-                if self.best is not None:
-                    self.tracker.log_metrics({"val/best_PQ": self.best["val/PQ"], "val/best_step": self.best["step"]}, self.step)
+                self._log_exported_models(folder, summary)
         return summary
+
+    def _log_exported_models(self, final_folder: Path, summary: dict[str, float]) -> None:
+        """The final model (and the best, when it is another step's) as run artifacts, then registered in the
+        MLflow Model Registry (pipeline/registry.py), after the uploads even when the store was away."""
+        final = ExportedModel("model", ("final",), self.step, summary)
+        exported = [final]
+        for file in sorted(final_folder.iterdir()):
+            self.tracker.log_artifact(file, "model")
+        if self.best is not None:
+            self.tracker.log_metrics({"val/best_PQ": self.best["val/PQ"], "val/best_step": self.best["step"]}, self.step)
+            if self.best["step"] == self.step:
+                final.roles = ("final", "best")
+            else:
+                for file in _fetched(self.best.get("location", f"{self.job_folder}/best")):
+                    self.tracker.log_artifact(file, "best")
+                best_metrics = {k: v for k, v in self.best.items() if k.startswith("val/")}
+                exported.insert(0, ExportedModel("best", ("best",), self.best["step"], best_metrics))
+        if self.job.tracking.register_models:
+            self.tracker.defer("model registration", lambda: self._register(exported))
+
+    def _register(self, exported: list[ExportedModel]) -> None:
+        name = self.job.tracking.registered_model or self.tracker.experiment_name
+        versions = register_exported_models(self.tracker.client, name, self.run_id, exported,
+                                            self.job.model_dump(mode="json"))
+        self.tracker.client.set_tag(self.run_id, "registered_models", "; ".join(versions))
+        log.info("registered %s", ", ".join(versions))
 
     def _write_model_files(self, state: dict, name: str, metrics: dict) -> Path:
         """A consolidated fp32 model file that `model.checkpoint.load_model` reads without DeepSpeed, the class
@@ -288,7 +347,8 @@ class Trainer:
         save_model(self.evaluation_model, self.model_config, folder / "model.pt")
         (folder / "classes.json").write_text(json.dumps(self.classes.to_json(), indent=1))
         (folder / "metrics.json").write_text(json.dumps({"step": self.step, **metrics}, indent=1))
-        fs, destination = fsspec.core.url_to_fs(f"{self.job.scaling.storage_path.rstrip('/')}/{self.job.name}/{name}")
+        (folder / "job_config.json").write_text(json.dumps(self.job.model_dump(mode="json"), indent=1))
+        fs, destination = fsspec.core.url_to_fs(f"{self.job_folder}/{name}")
         fs.makedirs(destination, exist_ok=True)
         for file in folder.iterdir():  # model.pt last: a reader that sees it sees a complete folder
             if file.name != "model.pt":
@@ -318,9 +378,21 @@ class Trainer:
         log.info("rank %d resumed at step %d", self.rank, self.step)
 
     def _checkpoint(self, metrics: dict) -> None:
+        """Write this rank's part of the checkpoint and hand it to the launcher, which stores it as
+        <job folder>/checkpoint_step_NNNNNNN; rank 0 then records it in the MLflow run."""
+        name = checkpoint_dir_name(self.step)
         with tempfile.TemporaryDirectory() as folder:
             self.save_checkpoint(folder)
-            self.context.report(metrics, folder)
+            self.context.report(metrics, folder, name)
+        if self.tracker is not None:
+            record = CheckpointRecord(
+                step=self.step, uri=f"{self.job_folder}/{name}", world_size=self.world_size,
+                zero_stage=self.job.deepspeed.zero_stage, job=self.job.name,
+                data_position={"images_seen": self.step * self.job.training.global_batch_size,
+                               "rank0_stream": self.loader.state_dict()["positions"]},
+                metrics={key: value for key, value in metrics.items() if isinstance(value, int | float) and key != "step"})
+            is_best = self.best is not None and self.best["step"] == self.step
+            self.tracker.set_tags(self.ledger.add(record, is_best))
 
 
 class _ThroughputWindow:
@@ -328,6 +400,15 @@ class _ThroughputWindow:
         self.started = time.perf_counter()
         self.images = 0
         self.data_wait = 0.0
+
+
+def _fetched(location: str) -> list[Path]:
+    """The files of an exported model folder (local or remote) as local files."""
+    fs, path = fsspec.core.url_to_fs(location)
+    folder = Path(tempfile.mkdtemp(prefix="exported_"))
+    for remote in fs.ls(path, detail=False):
+        fs.get_file(remote, str(folder / Path(remote).name))
+    return sorted(folder.iterdir())
 
 
 def _max_rss_gb() -> float:
