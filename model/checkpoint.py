@@ -4,6 +4,7 @@
     config = read_config("model.pt")          # memory-mapped: no weights are read
     model = load_model("model.pt")            # strict; eval mode
     load_weights(model, "model.pt")           # initialise a built model from a model file, strictly
+    report = load_finetuning_weights(model, "model.pt" or "hf_dir/")   # the same, for another class set
 
 Loading is strict: every tensor of the model must be in the file with its shape, and every tensor of the file
 must have a place in the model. The one allowed exception is named: a file without the text mapper (Hugging
@@ -11,14 +12,23 @@ Face hub checkpoints never carry it; they may carry its logit scale, which lives
 into a model that has one keeps the fresh text mapper, with a logged warning. Any other misfit raises `ModelFileError` naming the file and the first mismatching keys. A
 file that is missing, truncated or not a torch file raises `ModelFileError` naming it too.
 
+Fine-tuning (`load_finetuning_weights`) reads our model files and Hugging Face save_pretrained directories
+(converted on the fly, as `python -m model.convert` does) with the same rules plus one more named exception:
+the class head, the one part of the model whose shape depends on the class count (CLASS_HEAD_KEYS), is
+re-initialised when the source has another class count; the report and a warning name it. (The criterion's
+no-object weight also depends on the class count; it is no part of the model: the criterion is built from the
+data's class count. Class names reach the model only as text at run time.)
+
 Training exports, evaluation, prediction and `python -m model.convert` all go through this module.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +41,8 @@ FILE_KEYS = {"config", "model"}
 TEXT_MAPPER_PREFIX = "text_mapper."
 SHOWN_KEYS = 8
 """How many mismatching keys an error lists (with the total count)."""
+CLASS_HEAD_KEYS = ("transformer_decoder.class_embed.weight", "transformer_decoder.class_embed.bias")
+"""The model's tensors whose shape depends on the class count: the class linear (num_classes + 1 outputs)."""
 
 
 class ModelFileError(ValueError):
@@ -147,3 +159,101 @@ def _scalar_logit_scale(state: dict, expected: dict) -> dict:
     if key in state and key in expected and state[key].numel() == expected[key].numel():
         return {**state, key: state[key].reshape(expected[key].shape)}
     return state
+
+
+# ---------------------------------------------------------------------------------------------- fine-tuning
+@dataclass(frozen=True)
+class WeightsReport:
+    """What `load_finetuning_weights` did: every tensor of the model is loaded, re-initialised (the class head
+    of a source with another class count) or a fresh text mapper tensor (a source without one)."""
+
+    source: str
+    loaded: int
+    total: int
+    reinitialised: tuple[str, ...] = ()
+    source_num_classes: int | None = None
+    model_num_classes: int | None = None
+
+    @property
+    def fresh_text_mapper(self) -> int:
+        return self.total - self.loaded - len(self.reinitialised)
+
+    def summary(self) -> str:
+        line = f"{self.loaded}/{self.total} tensors from {self.source}"
+        if self.reinitialised:
+            line += (f"; class head re-initialised for the model's {self.model_num_classes} classes (the weights' "
+                     f"{self.source_num_classes} are another class set): {', '.join(self.reinitialised)}")
+        if self.fresh_text_mapper:
+            line += f"; text mapper fresh ({self.fresh_text_mapper} tensors, not in the weights)"
+        return line
+
+
+def is_transformers_directory(source: str | os.PathLike) -> bool:
+    return Path(source).is_dir()
+
+
+def weights_config(source: str | os.PathLike, dataset: str | None = None) -> OneFormerConfig:
+    """The architecture saved with weights: our model file's config, or what a Hugging Face directory's
+    config.json describes (`dataset` as model.convert's --dataset: guessed from released class counts)."""
+    if is_transformers_directory(source):
+        from model.convert import transformers_config
+
+        return transformers_config(source, dataset=dataset)
+    return read_config(source)
+
+
+def _source_state(source: str | os.PathLike, with_text_mapper: bool) -> dict[str, torch.Tensor]:
+    if is_transformers_directory(source):
+        from model.convert import transformers_state_dict
+
+        try:
+            return transformers_state_dict(source, training=with_text_mapper)
+        except (FileNotFoundError, KeyError, ValueError) as error:
+            raise ModelFileError(f"{source}: cannot convert this Hugging Face directory ({error})") from None
+    state = _read(source)["model"]
+    if not with_text_mapper:
+        state = {key: value for key, value in state.items() if not key.startswith(TEXT_MAPPER_PREFIX)}
+    return state
+
+
+def source_class_names(source: str | os.PathLike) -> tuple[str, ...] | None:
+    """The class names weights were trained for, when the source says: a Hugging Face config's id2label, or
+    the classes.json training writes beside our model file."""
+    from model.classes import CLASSES_FILE_NAME, ClassesFileError, read_classes_file
+
+    if is_transformers_directory(source):
+        labels = json.loads((Path(source) / "config.json").read_text()).get("id2label") or {}
+        return tuple(str(labels[key]) for key in sorted(labels, key=int))
+    try:
+        return read_classes_file(Path(source).parent / CLASSES_FILE_NAME).names
+    except ClassesFileError:
+        return None
+
+
+def _class_head_to_reinitialise(state: dict, expected: dict, same_classes: bool) -> list[str]:
+    """The class head keys whose shapes differ only in the class count (the output dimension), or all of
+    them when the class count is the same but the classes are not."""
+    fits = [key for key in CLASS_HEAD_KEYS if key in state and key in expected
+            and state[key].shape[1:] == expected[key].shape[1:]]
+    return [key for key in fits if not same_classes or state[key].shape != expected[key].shape]
+
+
+def load_finetuning_weights(model: OneFormer, source: str | os.PathLike,
+                            class_names: tuple[str, ...] | None = None) -> WeightsReport:
+    """Initialise `model` from our model file or a Hugging Face save_pretrained directory: strictly, except
+    the class head of a source with another class set (another count, or other names than `class_names`
+    where the source names its classes), which keeps its fresh initialisation (logged and reported), and
+    the named text-mapper exception of `load_state`. Anything else that does not fit raises ModelFileError
+    naming the source and the keys."""
+    state = _source_state(source, with_text_mapper=model.text_mapper is not None)
+    expected = model.state_dict()
+    known = source_class_names(source) if class_names is not None else None
+    reinitialised = _class_head_to_reinitialise(state, expected, known is None or tuple(known) == tuple(class_names))
+    source_classes = state[CLASS_HEAD_KEYS[1]].shape[0] - 1 if CLASS_HEAD_KEYS[1] in state else None
+    model_classes = expected[CLASS_HEAD_KEYS[1]].shape[0] - 1
+    if reinitialised:
+        log.warning("class head re-initialised: the classes of %s (%d) are not the model's (%d): %s", source,
+                    source_classes, model_classes, ", ".join(reinitialised))
+        state = {**state, **{key: expected[key] for key in reinitialised}}
+    loaded = load_state(model, state, source=str(source)) - len(reinitialised)
+    return WeightsReport(str(source), loaded, len(expected), tuple(reinitialised), source_classes, model_classes)

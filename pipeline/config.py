@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from model.backbones.weights_source import parse_reference
 from model.block_execution import BLOCK_KINDS
-from model.presets import OneFormerConfig, make_config
+from model.checkpoint import weights_config
+from model.presets import DATASET_SETTINGS, OneFormerConfig, make_config
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 from pipeline.data.shards import MANIFEST_NAME
 
@@ -40,19 +41,23 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
-    """The model's own config: a preset of model.presets plus any `OneFormerConfig` field as an override
-    (`dataset`, `num_queries`, `num_classes`, `ms_deform_attn_backend`, ...), validated by the same code as
-    `build_model` when the job loads, plus what to initialise the model from. Everything the stream needs
-    from the model (text slots, size divisibility, pixel mean) is derived from this config."""
+    """The model's own config: a preset of model.presets (or, without one, the architecture saved with
+    `weights`) plus any `OneFormerConfig` field as an override (`dataset`, `num_queries`, `num_classes`,
+    `ms_deform_attn_backend`, ...), validated by the same code as `build_model` when the job loads, plus what
+    to initialise the model from. Everything the stream needs from the model (text slots, size divisibility,
+    pixel mean) is derived from this config."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    preset: Literal["swin_l", "convnext_l", "convnext_xl", "dinat_l", "tiny"] = Field(
-        description="Architecture preset of model.build_model; the other keys of the section override its fields."
+    preset: Literal["swin_l", "convnext_l", "convnext_xl", "dinat_l", "tiny"] | None = Field(
+        None, description="Architecture preset of model.build_model; the other keys of the section override its "
+                          "fields. Omit it to fine-tune: the architecture is then the one saved with model.weights."
     )
     weights: str | None = Field(
-        None, description="Model file to initialise the whole model from (ours, or converted from Hugging Face); "
-                          "loaded strictly, except a missing text mapper (logged)."
+        None, description="Weights to initialise the whole model from: our model file (trained, or converted from "
+                          "Hugging Face by model.convert) or a Hugging Face save_pretrained directory. Loaded "
+                          "strictly, except a missing text mapper and the class head of weights trained for "
+                          "another class set (re-initialised; both logged and recorded as MLflow parameters)."
     )
     backbone_weights: str | None = Field(
         None, description="ImageNet backbone weights: a local file (official, timm, Hugging Face or OneFormer layout), "
@@ -115,8 +120,32 @@ class ModelSettings(_Section):
             overrides["num_classes"] = num_classes
         typed = {name: tuple(value) if name in _TUPLE_FIELDS and isinstance(value, list) else value
                  for name, value in overrides.items()}
+        if self.preset is None:
+            return self._weights_architecture(typed)
         try:
             return make_config(self.preset, training=True, **typed)
+        except (TypeError, ValueError) as error:
+            raise ValueError(_name_the_field(str(error))) from None
+
+    def _weights_architecture(self, typed: dict[str, Any]) -> OneFormerConfig:
+        """The config saved with `weights`, with the section's overrides; `dataset` brings that dataset's
+        inference settings but keeps the weights' architecture (their query count)."""
+        if self.weights is None:
+            raise ValueError("preset: required unless model.weights names the weights whose architecture to use")
+        path = resolve_path(self.weights)
+        if not os.path.exists(path):
+            raise ValueError(f"weights: file not found: {path}")
+        dataset = typed.pop("dataset", None)
+        try:
+            base = weights_config(path, dataset=dataset)
+        except ValueError as error:  # ModelFileError, UnsupportedConfigError, an unguessable dataset
+            key = "dataset" if "guess the dataset" in str(error) else "weights"
+            raise ValueError(f"{key}: {path}: {error}") from None
+        if dataset is not None:
+            inference = {k: v for k, v in DATASET_SETTINGS.get(dataset, {}).items() if k not in ("num_classes", "num_queries")}
+            typed = {"dataset": dataset, **inference, **typed}
+        try:
+            return dataclasses.replace(base, training=True, **typed)
         except (TypeError, ValueError) as error:
             raise ValueError(_name_the_field(str(error))) from None
 

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from model.backbones.weights import load_backbone_weights
 from model.block_execution import compile_blocks, set_activation_checkpointing
-from model.checkpoint import build_from_config, load_weights, save_model
+from model.checkpoint import build_from_config, load_finetuning_weights, save_model
 from model.criterion import LossConfig, training_loss
 from model.inference import resolve_inference_size, thresholds_from_config
 from model.oneformer import OneFormer
@@ -78,8 +78,18 @@ def read_classes(job: JobConfig) -> ClassInfo:
     return manifest_classes(read_manifest(fs, root))
 
 
+def _data_class_names(job: JobConfig) -> tuple[str, ...] | None:
+    """The training split's class names, to tell weights of another class set of the same size; None where
+    no shards exist yet (a model built outside training), leaving the class count as the only test."""
+    try:
+        return read_classes(job).names
+    except FileNotFoundError:
+        return None
+
+
 def build_training_model(job: JobConfig, config: OneFormerConfig) -> tuple[OneFormer, dict[str, str]]:
-    """A fresh model, then the backbone weights, then the whole-model weights of the job, all loaded strictly;
+    """A fresh model, then the backbone weights, then the whole-model weights of the job, all loaded strictly
+    (the class head of weights for another class set re-initialised, named in the log and the parameters);
     then the job's activation checkpointing and compilation of the repeated blocks. Returns the model and what
     it was initialised from (MLflow parameters)."""
     model = build_from_config(config)
@@ -90,9 +100,14 @@ def build_training_model(job: JobConfig, config: OneFormerConfig) -> tuple[OneFo
         initialised |= {"init.backbone_weights": report.source,
                         "init.backbone_tensors_loaded": f"{report.loaded}/{report.backbone_tensors}"}
     if job.model.weights is not None:
-        loaded = load_weights(model, job.model.weights)
-        log.info("model weights: %d tensors from %s", loaded, job.model.weights)
-        initialised |= {"init.weights": job.model.weights, "init.tensors_loaded": str(loaded)}
+        weights = load_finetuning_weights(model, job.model.weights, _data_class_names(job))
+        log.info("model weights: %s", weights.summary())
+        initialised |= {"init.weights": job.model.weights, "init.tensors_loaded": str(weights.loaded)}
+        if weights.reinitialised:  # fine-tuning on another class set: the class head starts fresh
+            initialised["init.reinitialised"] = (f"{', '.join(weights.reinitialised)} ({weights.source_num_classes} "
+                                                 f"-> {weights.model_num_classes} classes)")
+        if weights.fresh_text_mapper:
+            initialised["init.fresh_text_mapper_tensors"] = str(weights.fresh_text_mapper)
     kinds = job.model.checkpointed_block_kinds()
     if kinds:
         log.info("activation checkpointing: %d blocks of %s", set_activation_checkpointing(model, kinds), kinds)

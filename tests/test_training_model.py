@@ -44,9 +44,15 @@ def test_model_weights_load_strictly_and_name_the_file(tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items())
     assert initialised["init.tensors_loaded"] == str(len(source.state_dict()))
 
-    other = job.model.oneformer_config(num_classes=9)  # another class count: the class head does not fit
+    other = job.model.oneformer_config(num_classes=9)  # another class count: only the class head starts fresh
     save_model(build_from_config(other), other, tmp_path / "model.pt")
-    with pytest.raises(ModelFileError, match=r"model\.pt: 2 tensors have the wrong shape: .*class_embed"):
+    model, initialised = build_training_model(job, config)
+    assert initialised["init.tensors_loaded"] == str(len(source.state_dict()) - 2)
+    assert initialised["init.reinitialised"].startswith("transformer_decoder.class_embed.weight, ")
+
+    other = dataclasses.replace(config, num_queries=20)  # any other misfit still fails
+    save_model(build_from_config(other), other, tmp_path / "model.pt")
+    with pytest.raises(ModelFileError, match=r"model\.pt: 1 tensors have the wrong shape: .*query_embed"):
         build_training_model(job, config)
 
 

@@ -175,25 +175,44 @@ def _convert_backbone(backbone_name: str, hf_state: dict[str, torch.Tensor]) -> 
     return convert(hf_state, prefix=HF_BACKBONE_PREFIX)
 
 
+def _read_hf_config(directory: Path) -> dict:
+    path = directory / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a Hugging Face save_pretrained directory)")
+    hf_config = json.loads(path.read_text())
+    if hf_config.get("model_type") != "oneformer":
+        raise UnsupportedConfigError(f"config.json field 'model_type' must be 'oneformer', got {hf_config.get('model_type')!r}")
+    return hf_config
+
+
+def transformers_state_dict(directory: str | Path, training: bool = False) -> dict[str, torch.Tensor]:
+    """Our state dict of an HF save_pretrained directory, without the text mapper unless `training` (hub
+    checkpoints never carry one beyond the logit scale). Every HF weight must find its place."""
+    directory = Path(directory)
+    backbone_name, _ = backbone_build_args(_read_hf_config(directory))
+    hf_state = read_hf_state_dict(directory)
+    state, unclaimed = convert_head_state_dict(hf_state)
+    if unclaimed:
+        raise KeyError(f"{len(unclaimed)} HF weights have no place in our model: {unclaimed[:10]}")
+    backbone = _convert_backbone(backbone_name, hf_state)
+    state.update({f"backbone.{key}": value for key, value in backbone.items()})
+    if not training:
+        state = {key: value for key, value in state.items() if not key.startswith("text_mapper.")}
+    return state
+
+
+def transformers_config(directory: str | Path, dataset: str | None = None, training: bool = False) -> OneFormerConfig:
+    """Our build config for an HF save_pretrained directory (see config_from_transformers for `dataset`)."""
+    return config_from_transformers(_read_hf_config(Path(directory)), dataset=dataset, training=training)
+
+
 def convert_transformers_checkpoint(
     directory: str | Path, dataset: str | None = None, training: bool = False
 ) -> tuple[OneFormerConfig, dict[str, torch.Tensor]]:
     """(our config, our state dict) for an HF save_pretrained directory. The state dict lacks the text mapper
     when the HF checkpoint does (hub checkpoints always do)."""
-    directory = Path(directory)
-    hf_config = json.loads((directory / "config.json").read_text())
-    if hf_config.get("model_type") != "oneformer":
-        raise UnsupportedConfigError(f"config.json field 'model_type' must be 'oneformer', got {hf_config.get('model_type')!r}")
-    config = config_from_transformers(hf_config, dataset=dataset, training=training)
-    hf_state = read_hf_state_dict(directory)
-    state, unclaimed = convert_head_state_dict(hf_state)
-    if unclaimed:
-        raise KeyError(f"{len(unclaimed)} HF weights have no place in our model: {unclaimed[:10]}")
-    backbone = _convert_backbone(config.backbone, hf_state)
-    state.update({f"backbone.{key}": value for key, value in backbone.items()})
-    if not training:
-        state = {key: value for key, value in state.items() if not key.startswith("text_mapper.")}
-    return config, state
+    config = transformers_config(directory, dataset=dataset, training=training)
+    return config, transformers_state_dict(directory, training=training)
 
 
 def from_transformers(directory: str | Path, dataset: str | None = None, training: bool = False) -> OneFormer:
@@ -212,4 +231,6 @@ __all__ = [
     "convert_transformers_checkpoint",
     "from_transformers",
     "read_hf_state_dict",
+    "transformers_config",
+    "transformers_state_dict",
 ]
