@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from model.checkpoint import save_model
+from model.presets import build_model, make_config
 from pipeline.config import JobConfigError, load_job
 from pipeline.data.stream import ModelInputs
 
@@ -41,6 +43,10 @@ def test_every_shipped_job_validates_and_runs_as_a_script(job_file, tmp_path, mo
     if "synthetic_dataset" not in document:
         monkeypatch.setenv("ONEFORMER_WORKDIR", str(tmp_path))
         (tmp_path / document["data"]["root"]).mkdir(parents=True)
+    if document.get("model", {}).get("weights"):  # the weights a fine-tuning job starts from are an input
+        weights = tmp_path / document["model"]["weights"]
+        weights.parent.mkdir(parents=True)
+        save_model(build_model("tiny"), make_config("tiny"), weights)
     if document["kind"] == "evaluate":  # the model file it scores and the shards it reads are inputs
         (tmp_path / document["evaluation"]["checkpoint"]).parent.mkdir(parents=True)
         (tmp_path / document["evaluation"]["checkpoint"]).touch()
