@@ -99,25 +99,44 @@ def is_model_uri(value: str) -> bool:
 
 
 def local_model_file(uri: str, tracking_uri: str | None = None) -> str:
-    """A model file for `uri`: a `models:/name/version` or `models:/name@alias` is downloaded from the registry
-    (into MLflow's local cache folder) and the path of its model.pt returned; anything else is returned as is."""
+    """A model file for `uri`: a `models:/name/version`, `models:/name/latest` or `models:/name@alias` is
+    downloaded from the registry at `tracking_uri` (into a temporary folder) and the path of its model.pt
+    returned; anything else is returned as is."""
     if not is_model_uri(uri):
         return uri
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.compare import default_tracking_uri
+    from pipeline.compare import default_tracking_uri, open_client
 
     tracking_uri = tracking_uri or default_tracking_uri()
     try:
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+        version = _model_version(open_client(tracking_uri), uri)
+        folder = mlflow.artifacts.download_artifacts(artifact_uri=version.source, tracking_uri=tracking_uri)
     except MlflowException as error:
         raise RegistryError(f"{uri}: not in the model registry at {tracking_uri} "
                             f"({error.message.splitlines()[0]})") from None
     path = Path(folder) / MODEL_FILE
     if not path.is_file():
-        raise RegistryError(f"{uri}: the registered folder has no {MODEL_FILE} (found {sorted(p.name for p in Path(folder).iterdir())})")
+        raise RegistryError(f"{uri}: the registered folder has no {MODEL_FILE} "
+                            f"(found {sorted(p.name for p in Path(folder).iterdir())})")
     return str(path)
+
+
+def _model_version(client, uri: str):
+    """The registry entry `uri` names (the client's own registry, not MLflow's process-wide one)."""
+    name, _, version = uri.removeprefix("models:/").partition("/")
+    if "@" in name and not version:
+        name, alias = name.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    if version == "latest":
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise RegistryError(f"{uri}: the registered model {name!r} has no versions")
+        return max(versions, key=lambda v: int(v.version))
+    if not name or not version.isdigit():
+        raise RegistryError(f"{uri}: expected models:/<name>/<version>, models:/<name>/latest or models:/<name>@<alias>")
+    return client.get_model_version(name, version)
 
 
 def main(argv: list[str] | None = None) -> int:
