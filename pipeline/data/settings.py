@@ -101,8 +101,9 @@ class PreprocessSettings(BaseModel):
     )
     on_error: Literal["fail", "skip"] = Field(
         "fail",
-        description="Bad input (corrupt image or PNG, unknown segment or category, empty image): 'fail' "
-        "stops with the file and reason; 'skip' leaves the sample out and counts it in the manifest.",
+        description="Bad input (corrupt image or PNG, unknown segment or category, empty image; an instance "
+        "annotation that cannot be drawn): 'fail' stops with the file and reason; 'skip' leaves the sample (the "
+        "annotation) out and counts it in the manifest.",
     )
     max_parallel_tasks: int | None = Field(
         None, ge=1, description="Ray shard tasks in flight at once; default: the cluster's CPU count."
