@@ -340,12 +340,24 @@ class Trainer:
             if self.best["step"] == self.step:
                 final.roles = ("final", "best")
             else:
-                for file in _fetched(self.best.get("location", f"{self.job_folder}/best")):
-                    self.tracker.log_artifact(file, "best")
-                best_metrics = {k: v for k, v in self.best.items() if k.startswith("val/")}
-                exported.insert(0, ExportedModel("best", ("best",), self.best["step"], best_metrics))
+                exported[:0] = self._log_best_model()
         if self.job.tracking.register_models:
             self.tracker.defer("model registration", lambda: self._register(exported))
+
+    def _log_best_model(self) -> list[ExportedModel]:
+        """The best model's files (written by this job or, in a continued run, an earlier one) as run artifacts;
+        a folder gone since costs a warning, not the run's end."""
+        location = self.best.get("location", f"{self.job_folder}/best")
+        try:
+            files = _fetched(location)
+        except OSError as error:
+            log.warning("the best model (step %d) at %s cannot be read (%s): not logged or registered",
+                        self.best["step"], location, error)
+            return []
+        for file in files:
+            self.tracker.log_artifact(file, "best")
+        best_metrics = {key: value for key, value in self.best.items() if key.startswith("val/")}
+        return [ExportedModel("best", ("best",), self.best["step"], best_metrics)]
 
     def _register(self, exported: list[ExportedModel]) -> None:
         name = self.job.tracking.registered_model or self.tracker.experiment_name

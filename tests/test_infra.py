@@ -12,16 +12,9 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import jsonschema
@@ -29,6 +22,7 @@ import pytest
 import tomllib
 import yaml
 from referencing import Registry, Resource
+from servers import infra_mlflow_server
 
 from pipeline.config import WORKDIR_ENV, parse_job
 
@@ -445,68 +439,6 @@ def test_readme_names_only_files_that_exist(path):
 
 
 # --------------------------------------------------------------------------- the MLflow server, for real
-def postgres_bin() -> Path:
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not found:
-        pytest.fail("PostgreSQL is not installed: .ci/run must install it "
-                    "(`apt-get update && apt-get install -y --no-install-recommends postgresql`)")
-    return found[-1].parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-# Durability is pointless for a database deleted after the test, and fsyncs dominate MLflow's schema migrations.
-THROWAWAY_SETTINGS = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-
-
-@contextmanager
-def postgres_server(password: str):
-    """A throwaway PostgreSQL on 127.0.0.1 with password auth for user `mlflow`; stopped and deleted after."""
-    binaries = postgres_bin()
-    folder = Path(tempfile.mkdtemp(prefix="oneformer-pg-"))
-    # initdb refuses to run as root: run the server as the `postgres` account the Debian package creates.
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(folder, "postgres")
-    (folder / "password").write_text(password)
-    port = free_port()
-    data = folder / "data"
-    try:
-        if as_user:
-            shutil.chown(folder / "password", "postgres")
-        subprocess.run(as_user + [str(binaries / "initdb"), "-D", str(data), "-U", "mlflow", "--pwfile",
-                                  str(folder / "password"), "--auth-host=scram-sha-256", "--auth-local=trust", "--no-sync"],
-                       check=True, capture_output=True, timeout=120)
-        subprocess.run(as_user + [str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w",
-                                  "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {folder} {THROWAWAY_SETTINGS}", "start"],
-                       check=True, capture_output=True, timeout=120)
-        yield binaries, port
-    finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run(as_user + [str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
-                           capture_output=True, timeout=120)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def wait_for_health(url: str, process: subprocess.Popen, log: Path, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"mlflow server not healthy after {seconds}s:\n{log.read_text()[-3000:]}")
-
-
 def http_status(url: str, user: str | None = None, password: str | None = None) -> int:
     request = urllib.request.Request(url)
     if user is not None:
@@ -522,39 +454,13 @@ def http_status(url: str, user: str | None = None, password: str | None = None) 
 @pytest.mark.slow
 @pytest.mark.timeout(420)
 def test_mlflow_server_with_postgres_and_basic_auth_logs_and_reads_back_a_run(tmp_path, monkeypatch):
-    db_password, admin_password = "pg-" + os.urandom(8).hex(), "admin-" + os.urandom(8).hex()
-    with postgres_server(db_password) as (binaries, pg_port):
-        pg_env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(pg_port), "PGUSER": "mlflow",
-                  "PGPASSWORD": db_password}
-        # What the official postgres image does with POSTGRES_DB, then our init script, as on first start.
-        subprocess.run([str(binaries / "createdb"), "mlflow"], env=pg_env, check=True, timeout=60)
-        subprocess.run([str(binaries / "psql"), "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-f", str(POSTGRES_INIT)],
-                       env=pg_env, check=True, capture_output=True, timeout=60)
-
-        port, artifacts, log = free_port(), tmp_path / "artifacts", tmp_path / "mlflow.log"
-        server_env = {**pg_env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-                      "MLFLOW_AUTH_CONFIG_PATH": str(AUTH_INI), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
-                      "MLFLOW_FLASK_SERVER_SECRET_KEY": os.urandom(16).hex(),
-                      "MLFLOW_ARTIFACTS_DESTINATION": str(artifacts), "MLFLOW_HOST": "127.0.0.1",
-                      "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
-        with log.open("w") as sink:
-            server = subprocess.Popen([str(START_SERVER)], env=server_env, cwd=tmp_path, stdout=sink,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for_health(f"{base}/health", server, log)
-            search = f"{base}/api/2.0/mlflow/experiments/search?max_results=1"
-            assert http_status(search) == 401, "basic-auth is off"
-            assert http_status(search, "admin", "wrong") == 401
-            assert http_status(search, "admin", admin_password) == 200
-            _log_and_read_back_a_run(base, admin_password, artifacts, pg_env, binaries, tmp_path, monkeypatch)
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=30)
+    with infra_mlflow_server(tmp_path) as server:
+        search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_status(search) == 401, "basic-auth is off"
+        assert http_status(search, "admin", "wrong") == 401
+        assert http_status(search, "admin", server.admin_password) == 200
+        _log_and_read_back_a_run(server.url, server.admin_password, server.artifacts, server.pg_env,
+                                 server.binaries, tmp_path, monkeypatch)
 
 
 def _log_and_read_back_a_run(base, admin_password, artifacts, pg_env, binaries, tmp_path, monkeypatch):

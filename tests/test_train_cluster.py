@@ -1,19 +1,15 @@
 """The training job against real infrastructure failing and being used as on a cluster: a Ray Train worker
 killed mid-run (automatic restart from the last checkpoint, same result as an uninterrupted run), an MLflow
-server that goes away (training goes on; buffered metrics reach it when it is back), and `ray job submit` to a
-head started with `ray start --head` on 127.0.0.1."""
+server that goes away (training goes on; buffered metrics reach it when it is back), `ray job submit` to a
+head started with `ray start --head` on 127.0.0.1, and a preempted job's MLflow run continued or forked by other
+jobs from the checkpoints it recorded (on the infra's PostgreSQL-backed MLflow server)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -23,7 +19,7 @@ import psutil
 import pytest
 import torch
 import yaml
-from servers import MlflowServer, free_port, stop_process_group
+from servers import MlflowServer, infra_mlflow_server, ray_head, submit
 
 from pipeline.config import load_job
 from pipeline.job import main
@@ -84,54 +80,18 @@ def final_step(workdir: Path, name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------ ray job submit
-# Token authentication with a token of this test session's own (a fresh machine has no ~/.ray/auth_token):
-# the head, the jobs it runs and the `ray job` client all read it from the environment.
-RAY_AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-
-
-@contextlib.contextmanager
-def ray_head(log: Path):
-    """`ray start --head --block` on 127.0.0.1 in its own process group, stopped on exit (so that later
-    `ray.init()` calls start their own local Ray). The job's driver finds `python` (for the job file's
-    shebang) in this interpreter's folder. Ray's socket paths must stay under 107 bytes, so its temporary
-    folder is a short one."""
-    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")
-    dashboard_port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **RAY_AUTH}
-    head = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-         "--num-cpus", "3", "--disable-usage-stats", "--temp-dir", temp_dir],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield head, f"http://127.0.0.1:{dashboard_port}"
-    finally:
-        stop_process_group(head, grace_s=30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-HEAD_NOT_READY = ("Failed to connect", "No available agent to submit job")
-
-
-def submit(address: str, head: subprocess.Popen, job_file: Path, env_vars: dict) -> subprocess.CompletedProcess:
-    command = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
-               "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": env_vars}), "--", str(job_file)]
-    deadline = time.monotonic() + 120
-    while True:  # the job API answers, and then gets an agent, some seconds after the head starts (more under load)
-        submitted = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ, **RAY_AUTH})
-        printed = submitted.stdout + submitted.stderr
-        if submitted.returncode == 0 or not any(sign in printed for sign in HEAD_NOT_READY):
-            return submitted
-        assert head.poll() is None, "ray start --head exited"
-        assert time.monotonic() < deadline, submitted.stdout + submitted.stderr
-        time.sleep(2)
+@pytest.fixture(scope="module")
+def head(workdir):
+    """A Ray head started with `ray start --head` for the module's submitted jobs."""
+    with ray_head(workdir / "ray_head.log") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
-def submitted(workdir):
+def submitted(workdir, head):
     """The test-size job run by `ray job submit` on a head; also the uninterrupted reference run."""
-    with ray_head(workdir / "ray_head.log") as (head, address):
-        return submit(address, head, write_job(workdir, "submitted"), {"ONEFORMER_WORKDIR": str(workdir)})
+    process, address = head
+    return submit(address, process, write_job(workdir, "submitted"), {"ONEFORMER_WORKDIR": str(workdir)})
 
 
 def test_ray_job_submit_runs_the_job_file_on_a_ray_head(workdir, submitted):
@@ -271,3 +231,117 @@ def test_training_outlives_its_tracking_server(workdir, mlflow_server):
     assert exported["step"] == MAX_STEPS and "val/PQ" in exported
 
 
+
+
+# ------------------------------------------------------------------------------------------ tracked checkpoints
+# A job preempted at step 4 is continued by another job (another name and storage path) from what MLflow
+# recorded, on the infra's MLflow server (PostgreSQL, basic-auth); a third job forks an earlier checkpoint.
+TRACKED = "tracked"
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    with infra_mlflow_server(tmp_path_factory.mktemp("tracking_server")) as server:
+        monkeypatch = pytest.MonkeyPatch()
+        for name, value in server.client_env.items():
+            monkeypatch.setenv(name, value)
+        yield server
+        monkeypatch.undo()
+
+
+class RecordedCheckpointKiller(WorkerKiller):
+    """Kills a worker once the run's first checkpoint is recorded in MLflow (not only registered by Ray)."""
+
+    def __init__(self, tracking_uri: str, experiment: str):
+        super().__init__(Path("/nonexistent"))
+        self.client, self.experiment = mlflow.MlflowClient(tracking_uri), experiment
+
+    def _checkpoint_registered(self) -> bool:
+        experiment = self.client.get_experiment_by_name(self.experiment)
+        runs = self.client.search_runs([experiment.experiment_id]) if experiment else []
+        return bool(runs) and "checkpoint.latest_step" in runs[0].data.tags
+
+
+def tracked_job(workdir: Path, name: str, server, **training) -> Path:
+    return write_job(workdir, name, tracking={"tracking_uri": server.url, "experiment": TRACKED},
+                     scaling={"storage_path": str(workdir / f"storage_{name}")}, training=training)
+
+
+@pytest.fixture(scope="module")
+def continued(workdir, head, tracking_server, submitted):
+    """Job A trains to its step-4 checkpoint and is preempted (a worker killed, no restarts); job B resumes
+    runs:/<A's run id> under another name and storage path and trains to step 8."""
+    process, address = head
+    env = {"ONEFORMER_WORKDIR": str(workdir), **tracking_server.client_env}
+    preempted = write_job(workdir, "preempted", tracking={"tracking_uri": tracking_server.url, "experiment": TRACKED},
+                          training={"checkpoint_every": 4}, scaling={"max_failures": 0})
+    killer = RecordedCheckpointKiller(tracking_server.url, TRACKED)
+    killer.start()
+    try:
+        first = submit(address, process, preempted, env)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert killer.killed is not None and first.returncode != 0, "job A was not preempted"
+    client, run_a = only_run(tracking_server.url, TRACKED)
+    assert run_a.data.tags["checkpoint.latest_step"] == "4"
+    second = submit(address, process, tracked_job(workdir, "continued", tracking_server,
+                                                  resume_from=f"runs:/{run_a.info.run_id}"), env)
+    return client, run_a.info.run_id, first, second
+
+
+def test_another_job_continues_the_run_from_its_mlflow_record_to_the_same_result(workdir, continued):
+    client, run_id, first, second = continued
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert f"continues MLflow run {run_id}" in second.stdout
+    _, run = only_run(client.tracking_uri, TRACKED)  # one run for both jobs
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    reference_client, reference = only_run(f"sqlite:///{workdir}/mlruns/mlflow.db", "submitted")
+    for name in ("loss", "loss_mask", "loss_contrastive", "val/PQ", "val/AP", "val/mIoU"):
+        expected = metric_by_step(reference_client, reference, name)
+        assert metric_by_step(client, run, name) == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+    jobs = [json.loads(run.data.tags[key]) for key in sorted(run.data.tags) if key.startswith("job.")]
+    assert [(job["job"], job["from_step"]) for job in jobs] == [("preempted", 0), ("continued", 4)]
+    assert all(job["ray_submission_id"].startswith("raysubmit_") and job["cluster"] for job in jobs)
+    assert jobs[1]["storage"] == str(workdir / "storage_continued" / "continued")
+    records = {int(key.rsplit("_", 1)[1]): json.loads(value) for key, value in run.data.tags.items()
+               if key.startswith("checkpoint.step_")}
+    assert sorted(records) == [4, 6, 8] and run.data.tags["checkpoint.latest_step"] == "8"
+    assert records[4]["uri"] == str(workdir / "runs" / "preempted" / "checkpoint_step_0000004")
+    assert all(record["kept"] for record in records.values())  # A's folder is not B's to prune
+    assert records[8]["uri"] == str(workdir / "storage_continued" / "continued" / "checkpoint_step_0000008")
+    assert records[8]["world_size"] == 2 and records[8]["zero_stage"] == 2 and records[8]["kept"]
+    assert records[8]["data_position"]["images_seen"] == 8 * 4 and records[8]["metrics"]["val/PQ"] >= 0
+
+
+def test_the_registered_model_is_evaluated_by_its_models_uri(workdir, continued):
+    client, run_id, _, _ = continued
+    (version,) = [v for v in client.search_model_versions(f"name = '{TRACKED}'") if v.run_id == run_id]
+    assert version.tags["step"] == "8" and "final" in version.tags["roles"]
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "pipeline.evaluate", "model", "--checkpoint", f"models:/{TRACKED}/{version.version}",
+         "--shards", str(workdir / "data" / "synthetic_shards" / "val"), "--max-images", "2", "--test-size", "64", "256",
+         "--json-out", str(workdir / "registered_eval.json")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "PQ" in json.loads((workdir / "registered_eval.json").read_text())["summary"]
+
+
+def test_forking_an_earlier_checkpoint_starts_a_child_run_and_a_missing_one_fails_in_one_line(
+        workdir, head, tracking_server, continued, capsys):
+    client, run_id, _, _ = continued
+    process, address = head
+    env = {"ONEFORMER_WORKDIR": str(workdir), **tracking_server.client_env}
+    forked = submit(address, process, tracked_job(workdir, "forked", tracking_server,
+                                                  resume_from=f"runs:/{run_id}@step=4"), env)
+    assert forked.returncode == 0, forked.stdout[-4000:] + forked.stderr[-4000:]
+    assert f"forks a child run of {run_id}: step 4 is not the run's latest checkpoint (step 8)" in forked.stdout
+    experiment = client.get_experiment_by_name(TRACKED)
+    (child,) = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    assert child.data.tags["forked_from"] == f"runs:/{run_id}@step=4"
+    assert sorted(metric_by_step(client, child, "loss")) == [5, 6, 7, 8]
+    missing = tracked_job(workdir, "missing", tracking_server, resume_from=f"runs:/{run_id}@step=5")
+    assert main([str(missing)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == (f"error: training.resume_from: runs:/{run_id}@step=5: the run recorded no checkpoint at step 5 "
+                     "(recorded: [4, 6, 8])")
