@@ -181,8 +181,9 @@ class WeightsReport:
     def summary(self) -> str:
         line = f"{self.loaded}/{self.total} tensors from {self.source}"
         if self.reinitialised:
-            line += (f"; class head re-initialised for the model's {self.model_num_classes} classes (the weights' "
-                     f"{self.source_num_classes} are another class set): {', '.join(self.reinitialised)}")
+            line += (f"; class head re-initialised for the model's {self.model_num_classes} classes (the "
+                     f"weights' {self.source_num_classes} are another class set): "
+                     f"{', '.join(self.reinitialised)}")
         if self.fresh_text_mapper:
             line += f"; text mapper fresh ({self.fresh_text_mapper} tensors, not in the weights)"
         return line
@@ -248,7 +249,8 @@ def load_finetuning_weights(model: OneFormer, source: str | os.PathLike,
     state = _source_state(source, with_text_mapper=model.text_mapper is not None)
     expected = model.state_dict()
     known = source_class_names(source) if class_names is not None else None
-    reinitialised = _class_head_to_reinitialise(state, expected, known is None or tuple(known) == tuple(class_names))
+    same_classes = known is None or tuple(known) == tuple(class_names)
+    reinitialised = _class_head_to_reinitialise(state, expected, same_classes)
     source_classes = state[CLASS_HEAD_KEYS[1]].shape[0] - 1 if CLASS_HEAD_KEYS[1] in state else None
     model_classes = expected[CLASS_HEAD_KEYS[1]].shape[0] - 1
     if reinitialised:
@@ -256,4 +258,5 @@ def load_finetuning_weights(model: OneFormer, source: str | os.PathLike,
                     source_classes, model_classes, ", ".join(reinitialised))
         state = {**state, **{key: expected[key] for key in reinitialised}}
     loaded = load_state(model, state, source=str(source)) - len(reinitialised)
-    return WeightsReport(str(source), loaded, len(expected), tuple(reinitialised), source_classes, model_classes)
+    return WeightsReport(str(source), loaded, len(expected), tuple(reinitialised), source_classes,
+                         model_classes)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from model.backbones.weights_source import parse_reference
 from model.block_execution import BLOCK_KINDS
 from model.checkpoint import weights_config
-from model.presets import DATASET_SETTINGS, OneFormerConfig, make_config
+from model.presets import DATASET_SETTINGS, DATASETS, OneFormerConfig, make_config
 from pipeline.data.settings import DatasetSettings, PreprocessSettings, StreamSettings
 from pipeline.data.shards import MANIFEST_NAME
 
@@ -50,12 +50,13 @@ class ModelSettings(_Section):
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
     preset: Literal["swin_l", "convnext_l", "convnext_xl", "dinat_l", "tiny"] | None = Field(
-        None, description="Architecture preset of model.build_model; the other keys of the section override its "
-                          "fields. Omit it to fine-tune: the architecture is then the one saved with model.weights."
+        None, description="Architecture preset of model.build_model; the other keys of the section override "
+                          "its fields. Omit it to fine-tune: the architecture is then the one saved with "
+                          "model.weights."
     )
     weights: str | None = Field(
-        None, description="Weights to initialise the whole model from: our model file (trained, or converted from "
-                          "Hugging Face by model.convert) or a Hugging Face save_pretrained directory. Loaded "
+        None, description="Weights to initialise the whole model from: our model file (trained, or converted "
+                          "from Hugging Face by model.convert) or a Hugging Face save_pretrained directory. Loaded "
                           "strictly, except a missing text mapper and the class head of weights trained for "
                           "another class set (re-initialised; both logged and recorded as MLflow parameters)."
     )
@@ -131,18 +132,25 @@ class ModelSettings(_Section):
         """The config saved with `weights`, with the section's overrides; `dataset` brings that dataset's
         inference settings but keeps the weights' architecture (their query count)."""
         if self.weights is None:
-            raise ValueError("preset: required unless model.weights names the weights whose architecture to use")
+            raise ValueError("preset: required unless model.weights names the weights whose architecture to "
+                             "use")
         path = resolve_path(self.weights)
         if not os.path.exists(path):
             raise ValueError(f"weights: file not found: {path}")
         dataset = typed.pop("dataset", None)
         try:
             base = weights_config(path, dataset=dataset)
-        except ValueError as error:  # ModelFileError, UnsupportedConfigError, an unguessable dataset
-            key = "dataset" if "guess the dataset" in str(error) else "weights"
-            raise ValueError(f"{key}: {path}: {error}") from None
+        except (ValueError, OSError) as error:  # ModelFileError, UnsupportedConfigError, no config.json, ...
+            if "guess the dataset" in str(error):
+                raise ValueError(f"dataset: required: the class count of {path} is no released dataset's; "
+                                 "set model.dataset to the one whose test size and thresholds to use: "
+                                 f"{', '.join(DATASETS)}") from None
+            message = str(error)
+            named = message if message.startswith(path) else f"{path}: {message}"
+            raise ValueError(f"weights: {named}") from None
         if dataset is not None:
-            inference = {k: v for k, v in DATASET_SETTINGS.get(dataset, {}).items() if k not in ("num_classes", "num_queries")}
+            inference = {k: v for k, v in DATASET_SETTINGS.get(dataset, {}).items()
+                         if k not in ("num_classes", "num_queries")}
             typed = {"dataset": dataset, **inference, **typed}
         try:
             return dataclasses.replace(base, training=True, **typed)

@@ -147,7 +147,8 @@ def _disc_vertices(count: int = 24):
 
 def _cross_vertices():
     a = 0.3
-    return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
+    return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a),
+            (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
 
 
 _SHAPE_VERTICES = {  # (u, v) of each shape's corners in its own frame, in units of the radius
@@ -259,7 +260,8 @@ class _ImagePainter:
         noisy = self.pixels + self.rng.normal(0, 4, self.pixels.shape)
         image = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
         segments = [info for info in map(self._with_geometry, self.segments) if info["area"] > 0]
-        return Scene(image, self.ids, segments, {s["id"]: self.shapes[s["id"]] for s in segments if s["id"] in self.shapes})
+        shapes = {s["id"]: self.shapes[s["id"]] for s in segments if s["id"] in self.shapes}
+        return Scene(image, self.ids, segments, shapes)
 
     def _with_geometry(self, segment: dict) -> dict:
         rows, cols = np.nonzero(self.ids == segment["id"])
@@ -375,12 +377,15 @@ class _DatasetWriter:
 
     def __init__(self, out: Path, seed: int):
         self.out, self.seed = out, seed
-        self.records: dict[str, dict[str, list]] = {s: {"images": [], "annotations": []} for s in ("train", "val")}
+        self.records: dict[str, dict[str, list]] = {
+            split: {"images": [], "annotations": []} for split in ("train", "val")
+        }
 
     def image_entry(self, split: str, image_id: int, scene: Scene) -> str:
         stem = f"{image_id:012d}"
         self.records[split]["images"].append(
-            {"id": image_id, "file_name": f"{stem}.jpg", "height": scene.image.shape[0], "width": scene.image.shape[1]}
+            {"id": image_id, "file_name": f"{stem}.jpg", "height": scene.image.shape[0],
+             "width": scene.image.shape[1]}
         )
         return stem
 
@@ -390,7 +395,8 @@ class _DatasetWriter:
             if not record["images"]:
                 continue
             document = {
-                "info": {"description": f"OneFormer synthetic {description} dataset, seed {self.seed}", "version": "1.0"},
+                "info": {"description": f"OneFormer synthetic {description} dataset, seed {self.seed}",
+                         "version": "1.0"},
                 "licenses": [],
                 "images": record["images"],
                 "annotations": record["annotations"],
@@ -406,7 +412,8 @@ class _PanopticWriter(_DatasetWriter):
         stem = self.image_entry(split, image_id, scene)
         (self.out / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
         _save_jpeg(scene.image, self.out / split / f"{stem}.jpg")
-        Image.fromarray(ids_to_rgb(scene.ids)).save(self.out / "annotations" / f"panoptic_{split}" / f"{stem}.png")
+        png_folder = self.out / "annotations" / f"panoptic_{split}"
+        Image.fromarray(ids_to_rgb(scene.ids)).save(png_folder / f"{stem}.png")
         self.records[split]["annotations"].append(
             {"image_id": image_id, "file_name": f"{stem}.png", "segments_info": scene.segments_info}
         )
@@ -437,10 +444,13 @@ class _SemanticWriter(_DatasetWriter):
     def finish(self) -> dict[str, Path]:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "classes.txt").write_text("".join(f"{c.name}\n" for c in CATEGORIES))
-        return {split: self.out / "labels" / split for split, record in self.records.items() if record["images"]}
+        return {split: self.out / "labels" / split
+                for split, record in self.records.items() if record["images"]}
 
 
-_WRITERS = {"coco_panoptic": _PanopticWriter, "coco_instances": _InstanceWriter, "semantic_png": _SemanticWriter}
+_WRITERS = {
+    "coco_panoptic": _PanopticWriter, "coco_instances": _InstanceWriter, "semantic_png": _SemanticWriter,
+}
 
 
 def generate_dataset(
@@ -476,11 +486,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-size", type=int, default=GeneratorSettings.min_size)
     parser.add_argument("--max-size", type=int, default=GeneratorSettings.max_size)
     parser.add_argument("--format", choices=FORMATS, default="coco_panoptic",
-                        help="COCO panoptic (default), COCO instance JSON, or semantic label PNGs + classes.txt")
+                        help="COCO panoptic (default), COCO instance JSON, or semantic label PNGs + "
+                        "classes.txt")
     args = parser.parse_args(argv)
     settings = GeneratorSettings(min_size=args.min_size, max_size=args.max_size)
     try:
-        paths = generate_dataset(args.out, args.num_images, args.seed, args.val_fraction, settings, args.format)
+        paths = generate_dataset(args.out, args.num_images, args.seed, args.val_fraction, settings,
+                                 args.format)
     except ValueError as err:
         parser.error(str(err))
     for split, path in paths.items():

@@ -104,8 +104,9 @@ def build_training_model(job: JobConfig, config: OneFormerConfig) -> tuple[OneFo
         log.info("model weights: %s", weights.summary())
         initialised |= {"init.weights": job.model.weights, "init.tensors_loaded": str(weights.loaded)}
         if weights.reinitialised:  # fine-tuning on another class set: the class head starts fresh
-            initialised["init.reinitialised"] = (f"{', '.join(weights.reinitialised)} ({weights.source_num_classes} "
-                                                 f"-> {weights.model_num_classes} classes)")
+            initialised["init.reinitialised"] = (f"{', '.join(weights.reinitialised)} "
+                                                 f"({weights.source_num_classes} -> {weights.model_num_classes} "
+                                                 "classes)")
         if weights.fresh_text_mapper:
             initialised["init.fresh_text_mapper_tensors"] = str(weights.fresh_text_mapper)
     kinds = job.model.checkpointed_block_kinds()

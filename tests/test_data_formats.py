@@ -29,8 +29,12 @@ SIZES = GeneratorSettings(min_size=64, max_size=96)
 
 def _preprocess(root, dataset_format, output, **settings):
     dataset = DatasetSettings(format=dataset_format, root=str(root), **settings.pop("data", {}))
-    return run_preprocess(dataset, PreprocessSettings(output=str(output), executor="local", show_progress=False,
-                                                      target_shard_mb=0.05, **settings))
+    return run_preprocess(
+        dataset,
+        PreprocessSettings(
+            output=str(output), executor="local", show_progress=False, target_shard_mb=0.05, **settings
+        ),
+    )
 
 
 def _decoded(split_folder: Path) -> dict:
@@ -57,11 +61,13 @@ def _manifest(split_folder: Path) -> dict:
     return json.loads((split_folder / "manifest.json").read_text())
 
 
-# ---------------------------------------------------------------------------------------------- COCO instances
+# --------------------------------------------------------------------------------------------- COCO instances
 @pytest.fixture(scope="module")
 def instance_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("instances")
-    generate_dataset(root, num_images=8, seed=11, val_fraction=0.25, settings=SIZES, dataset_format="coco_instances")
+    generate_dataset(
+        root, num_images=8, seed=11, val_fraction=0.25, settings=SIZES, dataset_format="coco_instances"
+    )
     return root
 
 
@@ -102,15 +108,26 @@ def test_instances_preprocess_to_segments_equal_to_the_annotations(instance_root
     summary = _preprocess(instance_root, "coco_instances", tmp_path / "shards")
     assert [s["num_skipped_annotations"] for s in summary] == [0, 0]
     coco = COCO(str(instance_root / "annotations" / "instances_train.json"))
-    kinds = {("crowd" if a["iscrowd"] else "rle") if isinstance(a["segmentation"], dict) else "polygon"
-             for a in coco.dataset["annotations"]}
+    kinds = {
+        ("crowd" if a["iscrowd"] else "rle") if isinstance(a["segmentation"], dict) else "polygon"
+        for a in coco.dataset["annotations"]
+    }
     assert kinds == {"polygon", "rle", "crowd"}, "the generator writes every encoding"
-    assert any(isinstance(a["segmentation"]["counts"], list) for a in coco.dataset["annotations"] if a["iscrowd"])
+    assert any(
+        isinstance(a["segmentation"]["counts"], list) for a in coco.dataset["annotations"] if a["iscrowd"]
+    )
     totals = _check_instance_shards(coco, tmp_path / "shards" / "train")
     assert totals["images"] == 6 and totals["overlap_pixels"] > 0 and totals["crowd"] > 0
     manifest = _manifest(tmp_path / "shards" / "train")
     assert manifest["dataset_format"] == "coco_instances"
-    assert [c["name"] for c in manifest["classes"]] == ["disc", "square", "triangle", "ring", "cross", "diamond"]
+    assert [c["name"] for c in manifest["classes"]] == [
+        "disc",
+        "square",
+        "triangle",
+        "ring",
+        "cross",
+        "diamond",
+    ]
     assert all(c["isthing"] for c in manifest["classes"])
 
 
@@ -124,12 +141,15 @@ def _add_bad_annotations(json_path: Path) -> dict[int, str]:
         ({"segmentation": [[2.0, 2.0, 9.0, 9.0]], "bbox": [2, 2, 7, 7], "category_id": 1}, "fewer than 3"),
         ({"segmentation": [square], "bbox": [width - 5, 2, 18, 18], "category_id": 1}, "outside"),
         ({"segmentation": [square], "bbox": [2, 2, 18, 18], "category_id": 999}, "unknown category"),
-        ({"segmentation": {"size": [height + 1, width], "counts": [5, 5]}, "category_id": 2, "iscrowd": 1},
-         "RLE size"),
+        (
+            {"segmentation": {"size": [height + 1, width], "counts": [5, 5]}, "category_id": 2, "iscrowd": 1},
+            "RLE size",
+        ),
     ]
     for number, (fields, _) in enumerate(bad):
-        document["annotations"].append({"id": 9001 + number, "image_id": image["id"], "iscrowd": 0, "area": 1.0,
-                                        **fields})
+        document["annotations"].append(
+            {"id": 9001 + number, "image_id": image["id"], "iscrowd": 0, "area": 1.0, **fields}
+        )
     json_path.write_text(json.dumps(document))
     return {9001 + number: reason for number, (_, reason) in enumerate(bad)}
 
@@ -139,8 +159,11 @@ def test_bad_annotations_follow_on_error_and_are_counted(instance_root, tmp_path
     shutil.copytree(instance_root, root)
     json_path = root / "annotations" / "instances_train.json"
     bad = _add_bad_annotations(json_path)
-    with pytest.raises(PreprocessError, match=r"annotation 9001 of image 1 in .*instances_train\.json: polygon 0 "
-                                              r"has 2 points \(fewer than 3.*4 bad annotations"):
+    with pytest.raises(
+        PreprocessError,
+        match=r"annotation 9001 of image 1 in .*instances_train\.json: polygon 0 "
+        r"has 2 points \(fewer than 3.*4 bad annotations",
+    ):
         _preprocess(root, "coco_instances", tmp_path / "failed", splits=["train"])
     summary = _preprocess(root, "coco_instances", tmp_path / "shards", splits=["train"], on_error="skip")[0]
     manifest = _manifest(tmp_path / "shards" / "train")
@@ -170,7 +193,9 @@ def test_an_image_without_usable_annotations_is_skipped_and_counted(instance_roo
 @pytest.fixture(scope="module")
 def semantic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("semantic")
-    generate_dataset(root, num_images=8, seed=11, val_fraction=0.25, settings=SIZES, dataset_format="semantic_png")
+    generate_dataset(
+        root, num_images=8, seed=11, val_fraction=0.25, settings=SIZES, dataset_format="semantic_png"
+    )
     return root
 
 
@@ -186,7 +211,9 @@ def _check_semantic_shards(root: Path, split_folder: Path, ignore_label: int) ->
         assert len(sample.table) == len(present)
         for row in range(len(sample.table)):
             value = lines.index(names[sample.table.classes[row]])
-            np.testing.assert_array_equal(sample.index_map == row + 1, labels == value, err_msg=f"{image_id} {value}")
+            np.testing.assert_array_equal(
+                sample.index_map == row + 1, labels == value, err_msg=f"{image_id} {value}"
+            )
             assert not sample.table.isthing[row] and not sample.table.iscrowd[row]
     return len(samples)
 
@@ -244,10 +271,14 @@ def test_class_list_problems_name_the_file(semantic_root, tmp_path):
         _preprocess(root, "semantic_png", tmp_path / "shards", data={"class_list": "absent.txt"})
 
 
-# ---------------------------------------------------------------------------------------------- tasks, metrics
+# --------------------------------------------------------------------------------------------- tasks, metrics
 def _drawn_tasks(split_folder: Path, batches: int = 10) -> set[str]:
-    settings = StreamSettings(augmentation="none", crop_size=64, batch_size=2, loader_workers=0, shuffle_buffer=1)
-    loader = build_train_loader(settings, ModelInputs(16, 32, (123.675, 116.28, 103.53)), str(split_folder), 0, 1)
+    settings = StreamSettings(
+        augmentation="none", crop_size=64, batch_size=2, loader_workers=0, shuffle_buffer=1
+    )
+    loader = build_train_loader(
+        settings, ModelInputs(16, 32, (123.675, 116.28, 103.53)), str(split_folder), 0, 1
+    )
     tasks = set()
     for number, batch in enumerate(loader):
         tasks.update(batch["tasks"])
@@ -272,12 +303,15 @@ def test_tasks_follow_the_data(instance_root, semantic_root, tmp_path, caplog):
 def _perfect_panoptic_summary(split_folder: Path) -> tuple[tuple[str, ...], dict]:
     """Metrics kept for the data, and the summary of predictions equal to the ground truth."""
     classes = ClassInfo.from_json(_manifest(split_folder)["classes"])
-    options = EvaluationOptions(classes=classes, thresholds=InferenceThresholds(0.8, 100, 0.8),
-                                metrics=("pq", "ap", "miou"))
+    options = EvaluationOptions(
+        classes=classes, thresholds=InferenceThresholds(0.8, 100, 0.8), metrics=("pq", "ap", "miou")
+    )
     results = PartialResults(options)
     for image_id, sample in _decoded(split_folder).items():
         segments = ground_truth_segments(sample.index_map, sample.table)
-        predicted = [{key: s[key] for key in ("id", "category_id", "isthing")} for s in segments if not s["iscrowd"]]
+        predicted = [
+            {key: s[key] for key in ("id", "category_id", "isthing")} for s in segments if not s["iscrowd"]
+        ]
         crowd = [s["id"] for s in segments if s["iscrowd"]]
         prediction = np.where(np.isin(sample.index_map, crowd), 0, sample.index_map)
         results.evaluators["pq"].update(sample.index_map, segments, prediction, predicted, image_id=image_id)

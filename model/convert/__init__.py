@@ -201,7 +201,8 @@ def transformers_state_dict(directory: str | Path, training: bool = False) -> di
     return state
 
 
-def transformers_config(directory: str | Path, dataset: str | None = None, training: bool = False) -> OneFormerConfig:
+def transformers_config(directory: str | Path, dataset: str | None = None,
+                        training: bool = False) -> OneFormerConfig:
     """Our build config for an HF save_pretrained directory (see config_from_transformers for `dataset`)."""
     return config_from_transformers(_read_hf_config(Path(directory)), dataset=dataset, training=training)
 

@@ -198,13 +198,15 @@ def _semantic_ids(record: RawRecord, png_bytes: bytes, classes: ClassInfo):
     present = [int(v) for v in np.unique(labels) if v != ignore_label]
     unknown = sorted(set(present) - set(classes.category_ids))
     if unknown:
-        raise BadSampleError(f"{printable(record.label_path)}: label values {unknown[:5]} are not in the class "
-                             "list (nor the ignore label)")
+        raise BadSampleError(f"{printable(record.label_path)}: label values {unknown[:5]} are not in the "
+                             "class list (nor the ignore label)")
     ids = np.where(labels == ignore_label, 0, labels + 1)
     return ids, tuple({"id": value + 1, "category_id": value, "iscrowd": 0} for value in present)
 
 
-ANNOTATION_DECODERS = {SOURCE_PANOPTIC: _panoptic_ids, SOURCE_INSTANCES: _instances_ids, SOURCE_SEMANTIC: _semantic_ids}
+ANNOTATION_DECODERS = {
+    SOURCE_PANOPTIC: _panoptic_ids, SOURCE_INSTANCES: _instances_ids, SOURCE_SEMANTIC: _semantic_ids,
+}
 """Each source's pixels -> (raw id map [H, W], segments {"id", "category_id", "iscrowd"}), the one form
 encode_panoptic takes, so every format becomes the same shard schema."""
 
@@ -221,7 +223,8 @@ def _encode_record(record: RawRecord, classes: ClassInfo, hasher) -> dict[str, b
     if width == 0 or height == 0:
         raise BadSampleError(f"empty image {printable(record.image_path)}")
     if record.source == SOURCE_INSTANCES and (record.height, record.width) != (height, width):
-        raise BadSampleError(f"image is {height}x{width} but the annotation JSON says {record.height}x{record.width}")
+        raise BadSampleError(f"image is {height}x{width} but the annotation JSON says "
+                             f"{record.height}x{record.width}")
     ids, segments = ANNOTATION_DECODERS[record.source](record, annotation_bytes, classes)
     if ids.shape != (height, width):
         raise BadSampleError(f"image is {height}x{width} but its {record.source} annotation is "
@@ -428,10 +431,10 @@ def _check_annotations(split: RawSplit, on_error: str) -> None:
     where = (f"annotation {first['annotation_id']!r} of image {printable(first['image_id'])} in "
              f"{printable(first['file'])}: {first['reason']}")
     if on_error == "fail":
-        raise PreprocessError(f"bad annotation {where} ({len(bad)} bad annotations in split {split.name!r}; set "
-                              "preprocess.on_error: skip to leave them out, counted in the manifest)")
-    log.warning("%s: leaving out %d bad annotations (listed in the manifest); the first, %s", split.name, len(bad),
-                where)
+        raise PreprocessError(f"bad annotation {where} ({len(bad)} bad annotations in split {split.name!r}; "
+                              "set preprocess.on_error: skip to leave them out, counted in the manifest)")
+    log.warning("%s: leaving out %d bad annotations (listed in the manifest); the first, %s", split.name,
+                len(bad), where)
 
 
 def _unannotated_note(split: RawSplit) -> str:
@@ -458,7 +461,8 @@ def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, spl
     todo = [plan for plan in plans if plan.name not in reused]
     written = {d["name"]: d for d in _write_shards(todo, split.classes, folder, settings)} if todo else {}
     shards = [reused.get(plan.name) or written[plan.name] for plan in plans]
-    skipped = [problem for shard in shards for problem in shard["skipped"]] + _printable_problems(split.unannotated)
+    skipped = [problem for shard in shards for problem in shard["skipped"]]
+    skipped += _printable_problems(split.unannotated)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "dataset_format": dataset.format,

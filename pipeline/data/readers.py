@@ -229,12 +229,13 @@ def _check_class_count(settings: DatasetSettings, classes: ClassInfo, source: st
         )
 
 
-# ---------------------------------------------------------------------------------------------- COCO instances
+# --------------------------------------------------------------------------------------------- COCO instances
 BOX_TOLERANCE = 1.0
 """Pixels a box may reach past the image border (annotation tools round outward) before it is bad."""
 
 
-def _instance_problem(annotation: dict, image: dict | None, category_ids: set[int], seen_ids: set) -> str | None:
+def _instance_problem(annotation: dict, image: dict | None, category_ids: set[int],
+                      seen_ids: set) -> str | None:
     """Why an instance annotation cannot be drawn, or None when it can."""
     annotation_id = annotation.get("id")
     if not isinstance(annotation_id, int) or isinstance(annotation_id, bool) or annotation_id < 1:
@@ -273,7 +274,8 @@ def _segmentation_problem(segmentation, height: int, width: int) -> str | None:
             if not isinstance(polygon, list) or not all(isinstance(v, Real) for v in polygon):
                 return f"polygon {index} is not a list of coordinates"
             if len(polygon) < 6 or len(polygon) % 2:
-                return f"polygon {index} has {len(polygon) / 2:g} points (fewer than 3, or an odd coordinate count)"
+                return (f"polygon {index} has {len(polygon) / 2:g} points (fewer than 3, or an odd "
+                        "coordinate count)")
         return None
     if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, list)):
         if list(segmentation.get("size", [])) != [height, width]:
@@ -309,7 +311,8 @@ def _read_instance_split(document: dict, split: str, paths: SplitPaths, classes:
         records.append(RawRecord(image_id=image_id, image_path=image_path, panoptic_path="",
                                  height=int(image.get("height", 0)), width=int(image.get("width", 0)),
                                  segments=tuple(per_image[image_id]), source=SOURCE_INSTANCES))
-    return RawSplit(name=split, annotation_json=paths.annotation_json, classes=classes, records=tuple(records),
+    return RawSplit(name=split, annotation_json=paths.annotation_json, classes=classes,
+                    records=tuple(records),
                     bad_annotations=tuple(bad), unannotated=tuple(unannotated))
 
 

@@ -10,9 +10,13 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DatasetFormat = Literal[
-    "coco_panoptic", "ade20k_panoptic", "cityscapes_panoptic", "custom_coco_panoptic", "coco_instances", "semantic_png"
+    "coco_panoptic", "ade20k_panoptic", "cityscapes_panoptic", "custom_coco_panoptic", "coco_instances",
+    "semantic_png",
 ]
-UNREAD_SPLIT_PATHS = {"coco_instances": ("panoptic_dir", "label_dir"), "semantic_png": ("annotation_json", "panoptic_dir")}
+UNREAD_SPLIT_PATHS = {
+    "coco_instances": ("panoptic_dir", "label_dir"),
+    "semantic_png": ("annotation_json", "panoptic_dir"),
+}
 """Split paths a format has no use for (the panoptic formats: label_dir): setting one is a mistake."""
 AugmentationPreset = Literal["ade20k", "cityscapes", "coco_lsj", "none"]
 CROP_CANVAS_PRESETS = ("ade20k", "coco_lsj")
@@ -27,8 +31,8 @@ class SplitPaths(BaseModel):
 
     image_dir: str | None = Field(None, description="Folder holding the split's images.")
     annotation_json: str | None = Field(
-        None, description="COCO-panoptic JSON (panoptic formats) or COCO instance JSON (coco_instances) of the "
-        "split: images, annotations, categories."
+        None, description="COCO-panoptic JSON (panoptic formats) or COCO instance JSON (coco_instances) of "
+        "the split: images, annotations, categories."
     )
     panoptic_dir: str | None = Field(
         None, description="Folder of the split's panoptic PNGs (id = R + 256 G + 256^2 B, 0 = void)."
@@ -62,11 +66,12 @@ class DatasetSettings(BaseModel):
         None, ge=1, description="If set, reading fails unless the annotation JSON has this many categories."
     )
     class_list: str = Field(
-        "classes.txt", description="semantic_png: text file (relative to root, or absolute) naming one class per "
-        "line; line i (from 0) is label value i. The line of ignore_label, if any, names no class."
+        "classes.txt", description="semantic_png: text file (relative to root, or absolute) naming one class "
+        "per line; line i (from 0) is label value i. The line of ignore_label, if any, names no class."
     )
     ignore_label: int = Field(
-        255, ge=0, le=65535, description="semantic_png: label value of unlabelled pixels (void in the shards)."
+        255, ge=0, le=65535,
+        description="semantic_png: label value of unlabelled pixels (void in the shards)."
     )
 
     @model_validator(mode="after")
@@ -102,8 +107,8 @@ class PreprocessSettings(BaseModel):
     on_error: Literal["fail", "skip"] = Field(
         "fail",
         description="Bad input (corrupt image or PNG, unknown segment or category, empty image; an instance "
-        "annotation that cannot be drawn): 'fail' stops with the file and reason; 'skip' leaves the sample (the "
-        "annotation) out and counts it in the manifest.",
+        "annotation that cannot be drawn): 'fail' stops with the file and reason; 'skip' leaves the sample "
+        "(the annotation) out and counts it in the manifest.",
     )
     max_parallel_tasks: int | None = Field(
         None, ge=1, description="Ray shard tasks in flight at once; default: the cluster's CPU count."

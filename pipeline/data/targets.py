@@ -74,7 +74,7 @@ def encode_panoptic(ids: np.ndarray, segments: tuple[dict, ...] | list[dict], cl
     return index_map, table
 
 
-# ---------------------------------------------------------------------------------------------- tasks per dataset
+# ------------------------------------------------------------------------------------------ tasks per dataset
 def data_tasks(classes: ClassInfo) -> tuple[str, ...]:
     """The tasks the data gives targets for. Semantic and panoptic always: on data with no stuff class
     (instance annotations) panoptic is the things with the rest void and semantic covers the thing classes;
@@ -90,8 +90,8 @@ def task_thresholds_for_data(thresholds: tuple[float, float], classes: ClassInfo
         return thresholds
     semantic, panoptic = thresholds[0], 1.0 - thresholds[1]
     if semantic + panoptic <= 0:
-        raise ValueError(f"stream.task_thresholds {tuple(thresholds)} give every image the instance task, but the "
-                         "data has no thing class")
+        raise ValueError(f"stream.task_thresholds {tuple(thresholds)} give every image the instance task, "
+                         "but the data has no thing class")
     share = semantic / (semantic + panoptic)
     return (share, share)
 

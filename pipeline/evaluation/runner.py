@@ -255,12 +255,13 @@ class PartialResults:
         return details
 
     def compute(self, details: dict[str, dict] | None = None) -> dict[str, float]:
-        """Flat headline numbers: PQ/SQ/RQ (all, things, stuff), AP, mIoU and pixel accuracy, in percent; the
-        things or stuff figures only when the data has such classes (they would read 0, measured on nothing)."""
+        """Flat headline numbers: PQ/SQ/RQ (all, things, stuff), AP, mIoU and pixel accuracy, in percent;
+        the things or stuff figures only when the data has such classes (they would read 0, measured on
+        nothing)."""
         summary = report.summarize(self.compute_details() if details is None else details)
         classes = self.options.classes
-        absent = [suffix for suffix, present in (("_th", any(classes.isthing)), ("_st", not all(classes.isthing)))
-                  if not present]
+        groups = (("_th", any(classes.isthing)), ("_st", not all(classes.isthing)))
+        absent = [suffix for suffix, present in groups if not present]
         return {name: value for name, value in summary.items() if not name.endswith(tuple(absent))}
 
 
