@@ -68,7 +68,7 @@ def test_mlflow_run_has_config_metrics_validation_and_model(finished_job):
     for name in ("val/PQ", "val/AP", "val/mIoU", "images_per_second", "learning_rate"):
         assert name in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert artifacts == {"model/model.pt", "model/classes.json"}
+    assert artifacts == {"model/model.pt", "model/classes.json", "model/metrics.json", "model/job_config.json"}
     for step in ("step_0000002", "step_0000004"):
         pictures = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, f"pictures/{step}")}
         assert {"panoptic_examples.png", "instance_examples.png", "semantic_examples.png", "pq_per_class.png"} <= pictures
@@ -93,6 +93,26 @@ def test_best_model_by_validation_pq_is_kept(finished_job):
     load_model(finished_job / "runs" / "demo_cpu" / "best" / "model.pt")
     final = json.loads((finished_job / "runs" / "demo_cpu" / "model" / "metrics.json").read_text())
     assert final["step"] == 4 and final["val/PQ"] == pytest.approx(history[4])
+    assert run.data.tags["checkpoint.best_step"] == str(best_step)
+    versions = {int(v.version): v for v in client.search_model_versions("name = 'demo_cpu'")}
+    roles = {v.tags["step"]: v.tags["roles"] for v in versions.values()}
+    assert roles == ({"4": "final,best"} if best_step == 4 else {str(best_step): "best", "4": "final"})
+    assert client.get_model_version_by_alias("demo_cpu", "best").tags["step"] == str(best_step)
+
+
+def test_every_checkpoint_is_recorded_in_the_run(finished_job):
+    client = mlflow.MlflowClient(f"sqlite:///{finished_job}/mlruns/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("demo_cpu").experiment_id])
+    records = {key: json.loads(value) for key, value in run.data.tags.items() if key.startswith("checkpoint.step_")}
+    assert sorted(records) == ["checkpoint.step_0000002", "checkpoint.step_0000004"]
+    for record in records.values():
+        folder = Path(record["uri"])
+        assert folder.parent == finished_job / "runs" / "demo_cpu" and folder.is_dir() and record["kept"]
+        saved = torch.load(folder / "trainer_rank0.pt", weights_only=False)
+        assert saved["step"] == record["step"] and saved["run_id"] == run.info.run_id
+        assert record["world_size"] == 2 and record["zero_stage"] == 2
+        assert record["data_position"]["images_seen"] == 4 * record["step"] and "val/PQ" in record["metrics"]
+    assert run.data.tags["checkpoint.latest_step"] == "4"
 
 
 def test_driver_prints_the_results_the_model_and_where_the_pictures_are(finished_job):
