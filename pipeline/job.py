@@ -106,6 +106,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
 
 def run_job(job: JobConfig, overrides: list[str] | None = None) -> None:
     """Run every stage of `job`; `overrides` (the command line's section.key=value) are recorded in MLflow."""
+    start_from = None
+    if job.kind == "train":  # a checkpoint reference that cannot be resumed fails before any work
+        from pipeline.launch import resolve_start
+
+        start_from = resolve_start(job)
     if job.synthetic_dataset is not None:
         ensure_synthetic_dataset(job)
     started_ray = _connect_ray(job)
@@ -116,7 +121,7 @@ def run_job(job: JobConfig, overrides: list[str] | None = None) -> None:
             from pipeline.launch import run_training
 
             check_training_splits(job)
-            run_training(job, {"job_overrides": " ".join(overrides)} if overrides else {})
+            run_training(job, {"job_overrides": " ".join(overrides)} if overrides else {}, start_from)
         elif job.kind == "evaluate":
             run_evaluation_stage(job)
     finally:

@@ -67,9 +67,9 @@ def ray_job_tags() -> dict[str, str]:
     return tags
 
 
-def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
+def run_training(job: JobConfig, run_tags: dict[str, str] | None = None, start_from: dict | None = None):
     """Driver side: start (or join) Ray and run the TorchTrainer; prints the final metrics. `run_tags` go on
-    the MLflow run beside the Ray job's ids."""
+    the MLflow run beside the Ray job's ids; `start_from` is `resolve_start(job)`, resolved here if not given."""
     configure_deepspeed_environment(job.scaling.use_gpu)
     create_local_store(resolve_tracking_uri(job))
     connect_ray(job.scaling.ray_address)
@@ -80,7 +80,7 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
-                           "run_tags": {**ray_job_tags(), **(run_tags or {})}, "start_from": _start_from(job)},
+                           "run_tags": {**ray_job_tags(), **(run_tags or {})}, "start_from": start_from or resolve_start(job)},
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
         run_config=RunConfig(
@@ -94,7 +94,7 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None):
     return result
 
 
-def _start_from(job: JobConfig) -> dict | None:
+def resolve_start(job: JobConfig) -> dict | None:
     """training.resume_from resolved on the driver (pipeline/tracked_checkpoints.py), unless this job has run
     before: then Ray Train restores the job's own latest checkpoint and resume_from has done its part."""
     if job.training.resume_from is None or _has_run_before(job):
