@@ -1,7 +1,9 @@
 """The model file: the one place that builds OneFormer from its config, writes it, and reads it back.
 
-    save_model(model, config, "model.pt")     # {"config": OneFormerConfig as a dict, "model": state_dict}
+    save_model(model, config, "model.pt", classes)  # {"config": OneFormerConfig as a dict, "model": state_dict,
+                                                    #  "classes": the classes' JSON entries, when known}
     config = read_config("model.pt")          # memory-mapped: no weights are read
+    classes = read_classes("model.pt")        # model.classes.ModelClasses, or None for a file without them
     model = load_model("model.pt")            # strict; eval mode
     load_weights(model, "model.pt")           # initialise a built model from a model file, strictly
     report = load_finetuning_weights(model, "model.pt" or "hf_dir/")   # the same, for another class set
@@ -33,11 +35,14 @@ from pathlib import Path
 
 import torch
 
+from model.classes import ModelClasses
 from model.oneformer import OneFormer
 from model.presets import OneFormerConfig, build_oneformer
 
 log = logging.getLogger(__name__)
 FILE_KEYS = {"config", "model"}
+OPTIONAL_FILE_KEYS = {"classes"}
+"""Keys a model file may have: "classes" (model.classes JSON entries form) since files name their classes."""
 TEXT_MAPPER_PREFIX = "text_mapper."
 SHOWN_KEYS = 8
 """How many mismatching keys an error lists (with the total count)."""
@@ -56,11 +61,24 @@ def build_from_config(config: OneFormerConfig) -> OneFormer:
     return build_oneformer(config, build_backbone(config.backbone, **config.backbone_kwargs))
 
 
-def save_model(model: OneFormer, config: OneFormerConfig, path: str | os.PathLike) -> None:
-    """Write {"config", "model"} to `path` atomically: a reader sees the old file or the complete new one."""
+def save_model(
+    model: OneFormer,
+    config: OneFormerConfig,
+    path: str | os.PathLike,
+    classes: ModelClasses | list[dict] | None = None,
+) -> None:
+    """Write {"config", "model"} and, when given, "classes" to `path` atomically: a reader sees the old file or
+    the complete new one. `classes`: ModelClasses or their JSON entries form (ClassInfo.to_json's list)."""
     path = Path(path)
+    saved = {"config": dataclasses.asdict(config), "model": model.state_dict()}
+    if classes is not None:
+        if not isinstance(classes, ModelClasses):
+            classes = ModelClasses.from_json(classes, f"classes for {path}")
+        if classes.num_classes != config.num_classes:
+            raise ValueError(f"{path}: {classes.num_classes} classes given for a model of {config.num_classes}")
+        saved["classes"] = classes.to_json()
     partial = path.with_name(path.name + ".partial")
-    torch.save({"config": dataclasses.asdict(config), "model": model.state_dict()}, partial)
+    torch.save(saved, partial)
     os.replace(partial, path)
 
 
@@ -73,9 +91,12 @@ def _read(path: str | os.PathLike) -> dict:
     except Exception as error:  # torch raises RuntimeError, EOFError, IndexError, pickle errors ... for bad bytes
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ModelFileError(f"{path}: not a readable torch file ({reason})") from None
-    if not isinstance(saved, dict) or set(saved) != FILE_KEYS:
+    if not isinstance(saved, dict) or not FILE_KEYS <= set(saved) <= FILE_KEYS | OPTIONAL_FILE_KEYS:
         found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
-        raise ModelFileError(f"{path}: not a model file (expected the keys 'config' and 'model', found {found})")
+        raise ModelFileError(
+            f"{path}: not a model file (expected the keys 'config' and 'model', and optionally 'classes'; "
+            f"found {found})"
+        )
     return saved
 
 
@@ -93,6 +114,13 @@ def _config_of(saved: dict, path: str | os.PathLike) -> OneFormerConfig:
 def read_config(path: str | os.PathLike) -> OneFormerConfig:
     """The OneFormerConfig saved in a model file (memory-mapped: no weights are read)."""
     return _config_of(_read(path), path)
+
+
+def read_classes(path: str | os.PathLike) -> ModelClasses | None:
+    """The classes saved in a model file (memory-mapped: no weights are read); None for a file written
+    without them. Entries that are no class metadata raise model.classes.ClassesFileError naming the file."""
+    entries = _read(path).get("classes")
+    return None if entries is None else ModelClasses.from_json(entries, f"{path} (its classes)")
 
 
 def load_model(path: str | os.PathLike, training: bool | None = None) -> OneFormer:
@@ -219,16 +247,17 @@ def _source_state(source: str | os.PathLike, with_text_mapper: bool) -> dict[str
 
 def source_class_names(source: str | os.PathLike) -> tuple[str, ...] | None:
     """The class names weights were trained for, when the source says: a Hugging Face config's id2label, or
-    the classes.json training writes beside our model file."""
-    from model.classes import CLASSES_FILE_NAME, ClassesFileError, read_classes_file
+    our model file's own classes, or the classes.json training writes beside it."""
+    from model.classes import ClassesFileError, known_classes
 
     if is_transformers_directory(source):
         labels = json.loads((Path(source) / "config.json").read_text()).get("id2label") or {}
         return tuple(str(labels[key]) for key in sorted(labels, key=int))
     try:
-        return read_classes_file(Path(source).parent / CLASSES_FILE_NAME).names
+        known = known_classes(source)
     except ClassesFileError:
         return None
+    return None if known is None else known[0].names
 
 
 def _class_head_to_reinitialise(state: dict, expected: dict, same_classes: bool) -> list[str]:

@@ -499,7 +499,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", required=True, choices=FORMATS, dest="export_format")
     parser.add_argument("--out", required=True, help="the file to write (.pt2 for torch, .onnx for onnx)")
     parser.add_argument(
-        "--classes", default=None, help="classes.json of the model (default: the one beside it)"
+        "--classes",
+        default=None,
+        help="classes.json of the model (default: the classes inside the model file, else the classes.json "
+        "beside it)",
     )
     args = parser.parse_args(argv)
     try:

@@ -21,8 +21,9 @@ panoptic|instance|semantic` scores:
     semantic/<name>.png                    class labels (contiguous ids 0..K-1), 8-bit (16-bit past 255 classes)
     overlays/<name>_<task>.png             the image with the prediction and a legend of class names
 <name> is the image's file name without its suffix; COCO image ids are that name, as an int when it is
-all digits (000000000139 -> 139, as COCO names its images). Class names come with the model: the
-classes.json training writes beside model.pt (or --classes), or the copy inside an exported file.
+all digits (000000000139 -> 139, as COCO names its images). Class names come with the model: --classes, else
+the classes inside model.pt (training and model.convert put them there), else the classes.json beside it;
+an exported file carries its own copy.
 
 An image that cannot be read is reported by name on stderr and skipped; the others go on. Bad arguments (a
 missing model file or path, no images at all, a classes file that does not fit) exit with status 2 and one
@@ -91,8 +92,8 @@ class Predictor:
         device: str = "cpu",
         test_size: tuple[int, int] | str | None = None,
     ) -> Predictor:
-        """The eager model of a model file (model/checkpoint.py) on `device`; classes from `classes_file` or
-        the classes.json beside the model file."""
+        """The eager model of a model file (model/checkpoint.py) on `device`; classes from `classes_file`,
+        else the model file's own, else the classes.json beside it (model.classes.classes_for_model)."""
         config = read_config(checkpoint)
         classes = classes_for_model(checkpoint, config.num_classes, classes_file)
         network = load_model(checkpoint, training=False).to(_device(device))
@@ -376,7 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("images", nargs="+", help="image files and folders of images")
     parser.add_argument("--out", required=True, help="folder for the predictions and overlays")
     parser.add_argument(
-        "--classes", default=None, help="classes.json of the model (default: the one beside --checkpoint)"
+        "--classes",
+        default=None,
+        help="classes.json of the model (default: the classes inside --checkpoint, else the classes.json "
+        "beside it)",
     )
     parser.add_argument(
         "--multiscale", action="store_true", help="semantic: multi-scale + flip test-time augmentation"

@@ -3,6 +3,7 @@ predictions, final and auxiliary, for every task; the converter must refuse what
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -118,6 +119,32 @@ def test_checkpoint_round_trip_and_cli(converted, tmp_path):
     config, _ = convert_transformers_checkpoint(directory, dataset="ade20k")
     save_model(model, config, saved)
     assert torch.load(saved, weights_only=True)["config"]["backbone_kwargs"]["embed_dim"] == 16
+
+
+def test_cli_stores_the_classes_it_knows_in_the_model_file(converted, tmp_path, caplog):
+    """Names from id2label with the thing ids of preprocessor_config.json's metadata (what HF's image processor
+    saves); without thing ids no classes and a warning saying why; --classes stores a given classes.json."""
+    from model.checkpoint import read_classes
+
+    directory = tmp_path / "hf"
+    shutil.copytree(converted[2], directory)
+    with caplog.at_level(logging.WARNING):
+        convert_main([str(directory), "--out", str(tmp_path / "plain.pt"), "--dataset", "ade20k"])
+    assert read_classes(tmp_path / "plain.pt") is None
+    assert any("thing_ids" in record.getMessage() for record in caplog.records)
+
+    metadata = {"0": "class0", "thing_ids": [1, 3], "class_names": [f"class{i}" for i in range(5)]}
+    (directory / "preprocessor_config.json").write_text(json.dumps({"metadata": metadata}))
+    convert_main([str(directory), "--out", str(tmp_path / "named.pt"), "--dataset", "ade20k"])
+    classes = read_classes(tmp_path / "named.pt")
+    assert classes.names == tuple(f"class{i}" for i in range(5))
+    assert classes.is_thing == (False, True, False, True, False) and classes.category_ids == (0, 1, 2, 3, 4)
+
+    given = [{"contiguous_id": k, "category_id": 7 + k, "name": f"c{k}", "isthing": k == 0} for k in range(5)]
+    (tmp_path / "classes.json").write_text(json.dumps(given))
+    out = tmp_path / "given.pt"
+    convert_main([str(directory), "--out", str(out), "--dataset", "ade20k", "--classes", str(tmp_path / "classes.json")])
+    assert read_classes(out).to_json() == given
 
 
 def test_training_model_gets_a_fresh_text_mapper_and_says_so(converted, caplog):

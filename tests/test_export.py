@@ -18,7 +18,7 @@ from PIL import Image
 
 from model import make_config
 from model.checkpoint import build_from_config, load_model, save_model
-from model.classes import read_classes_file
+from model.classes import classes_for_model
 from model.export import (
     ExportedProgramModel,
     ExportInfo,
@@ -60,15 +60,14 @@ def random_batch(height: int, width: int, seed: int) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny model file (panoptic threshold 0, so the untrained model predicts segments), classes.json beside
-    it, and its exports from one trace: m.pt2 and m.onnx."""
+    """A tiny model file (panoptic threshold 0, so the untrained model predicts segments) that carries its
+    classes (no classes.json beside it), and its exports from one trace: m.pt2 and m.onnx."""
     root = tmp_path_factory.mktemp("export")
     config = make_config("tiny", num_classes=len(CLASSES), object_mask_threshold=0.0)
     torch.manual_seed(0)
-    save_model(build_from_config(config).eval(), config, root / "model.pt")
-    (root / "classes.json").write_text(json.dumps(CLASSES))
+    save_model(build_from_config(config).eval(), config, root / "model.pt", classes=CLASSES)
     model = load_model(root / "model.pt")
-    info = ExportInfo.of(config, read_classes_file(root / "classes.json"), model)
+    info = ExportInfo.of(config, classes_for_model(root / "model.pt", config.num_classes), model)
     program = export_program(model)
     save_torch(program, info, root / "m.pt2")
     save_onnx(program, info, root / "m.onnx")

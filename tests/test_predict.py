@@ -15,8 +15,9 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from model import make_config
-from model.checkpoint import build_from_config, save_model
-from model.classes import ClassesFileError, read_classes_file
+from model.checkpoint import ModelFileError, build_from_config, load_model, save_model
+from model.checkpoint import read_classes as read_model_file_classes
+from model.classes import ClassesFileError, ModelClasses, read_classes_file
 from model.formats import ids_to_rgb
 from model.inference import semantic_multiscale_flip
 from model.predict import Predictor, image_files, main, predict_images, read_image
@@ -243,3 +244,64 @@ def test_classes_file_round_trips_the_training_export(tmp_path):
 def test_panoptic_png_encoding_is_the_coco_one():
     ids = np.array([[0, 1, 256, 65536 + 2]])
     assert ids_to_rgb(ids).tolist() == [[[0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 1]]]
+
+
+# ---------------------------------------------------------------------------------------------- classes in model.pt
+def _renamed(classes: ModelClasses, prefix: str) -> ModelClasses:
+    return ModelClasses(tuple(f"{prefix}{name}" for name in classes.names), classes.is_thing, classes.category_ids)
+
+
+@pytest.fixture(scope="module")
+def named_model(data, tmp_path_factory):
+    """The same tiny model with its classes inside model.pt, renamed ("own ...") so that the source shows in
+    every output, and a classes.json beside it that names them otherwise ("beside ...")."""
+    folder = tmp_path_factory.mktemp("named")
+    data_classes = read_classes_file(data["checkpoint"].parent / "classes.json")
+    model = load_model(data["checkpoint"])
+    save_model(model, CONFIG, folder / "model.pt", classes=_renamed(data_classes, "own "))
+    (folder / "classes.json").write_text(json.dumps(_renamed(data_classes, "beside ").to_json()))
+    return {"checkpoint": folder / "model.pt", "classes": data_classes}
+
+
+def test_model_file_round_trips_its_classes_and_old_files_still_load(data, named_model, tmp_path):
+    own = read_model_file_classes(named_model["checkpoint"])
+    assert own == _renamed(named_model["classes"], "own ")
+    assert read_model_file_classes(data["checkpoint"]) is None  # a file written without classes (before they went inside)
+    old = torch.load(data["checkpoint"], weights_only=True)
+    assert set(old) == {"config", "model"}
+    torch.testing.assert_close(
+        load_model(named_model["checkpoint"]).state_dict(), load_model(data["checkpoint"]).state_dict()
+    )
+    with pytest.raises(ValueError, match="3 classes given for a model of 10"):
+        save_model(load_model(data["checkpoint"]), CONFIG, tmp_path / "m.pt", classes=own.to_json()[:3])
+    torch.save({**old, "extra": 1}, tmp_path / "extra.pt")
+    with pytest.raises(ModelFileError, match=r"extra.pt: not a model file .*'extra'"):
+        load_model(tmp_path / "extra.pt")
+    torch.save({**old, "classes": [{"name": "no ids"}]}, tmp_path / "broken.pt")
+    with pytest.raises(ClassesFileError, match="broken.pt"):
+        read_model_file_classes(tmp_path / "broken.pt")
+
+
+def test_predict_names_the_classes_of_the_model_file_first(data, named_model, tmp_path):
+    """Order: --classes, the model file's own, the classes.json beside it."""
+    image = sorted(data["images"].glob("*.jpg"))[:1]
+    args = ["--task", "semantic", str(image[0]), "--test-size", *TEST_SIZE, "--quiet", "--no-overlays"]
+    own = Predictor.from_checkpoint(named_model["checkpoint"]).classes
+    assert own.names[0].startswith("own ")
+    alone = tmp_path / "alone" / "model.pt"  # no classes.json beside: the file's own are enough
+    alone.parent.mkdir()
+    shutil.copy(named_model["checkpoint"], alone)
+    assert main(["--checkpoint", str(alone), "--out", str(tmp_path / "o"), *args]) == 0
+    assert Predictor.from_checkpoint(alone).classes == own
+    given = Predictor.from_checkpoint(alone, classes_file=data["checkpoint"].parent / "classes.json").classes
+    assert given == named_model["classes"]
+    assert Predictor.from_checkpoint(data["checkpoint"]).classes == named_model["classes"]  # an old file
+
+
+def test_evaluate_uses_the_classes_of_the_model_file(data, named_model):
+    """`pipeline.evaluate model` without --classes: the model file's own classes, not the manifest's."""
+    common = dict(metrics=("miou",), progress=False, max_images=1, test_size=tuple(map(int, TEST_SIZE)))
+    own = evaluate_model(named_model["checkpoint"], data["root"] / "shards" / "val", **common)
+    assert own["classes"] == list(_renamed(named_model["classes"], "own ").names)
+    manifest = evaluate_model(data["checkpoint"], data["root"] / "shards" / "val", **common)  # old file: beside
+    assert manifest["classes"] == list(named_model["classes"].names)

@@ -1,7 +1,10 @@
 """Hugging Face OneFormer checkpoints -> our OneFormer (our model file itself is model/checkpoint.py's).
 
     model = from_transformers("path/to/oneformer_ade20k_swin_large")      # a save_pretrained directory
-    # or: python -m model.convert DIR --out FILE.pt [--dataset ade20k] [--training]
+    # or: python -m model.convert DIR --out FILE.pt [--dataset ade20k] [--training] [--classes classes.json]
+
+The model file carries the classes (model/classes.py) when they are known: --classes, else the names of
+config.json's id2label with the thing flags of preprocessor_config.json (`transformers_classes`).
 
 `from_transformers` reads config.json, derives `build_model` overrides from it (backbone type and sizes,
 widths, queries, classes, layers), maps every weight, and fails on any HF weight it cannot place or any of
@@ -39,6 +42,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import build_from_config, load_state
+from model.classes import ModelClasses
 from model.convert.oneformer import (
     HF_BACKBONE_PREFIX,
     UnsupportedConfigError,
@@ -201,6 +205,26 @@ def transformers_state_dict(directory: str | Path, training: bool = False) -> di
     return state
 
 
+def transformers_classes(directory: str | Path, num_classes: int) -> tuple[ModelClasses | None, str]:
+    """(classes, "") of an HF save_pretrained directory when it says enough, else (None, why not): names from
+    config.json's id2label, thing flags from the `metadata` of preprocessor_config.json (the "thing_ids" that
+    OneFormerImageProcessor derives from its class_info_file). HF keeps no dataset category ids: the
+    contiguous ids stand in for them."""
+    directory = Path(directory)
+    labels = _read_hf_config(directory).get("id2label") or {}
+    if len(labels) != num_classes:
+        return None, f"config.json's id2label names {len(labels)} classes, not the model's {num_classes}"
+    processor = directory / "preprocessor_config.json"
+    metadata = json.loads(processor.read_text()).get("metadata") if processor.is_file() else None
+    if not isinstance(metadata, dict) or "thing_ids" not in metadata:
+        return None, f"no thing_ids in {processor.name}'s metadata: which classes are things is unknown"
+    thing_ids = {int(index) for index in metadata["thing_ids"]}
+    ids = sorted(int(key) for key in labels)
+    names = {int(key): str(name) for key, name in labels.items()}
+    classes = ModelClasses(tuple(names[i] for i in ids), tuple(i in thing_ids for i in ids), tuple(ids))
+    return classes, ""
+
+
 def transformers_config(directory: str | Path, dataset: str | None = None,
                         training: bool = False) -> OneFormerConfig:
     """Our build config for an HF save_pretrained directory (see config_from_transformers for `dataset`)."""
@@ -232,6 +256,7 @@ __all__ = [
     "convert_transformers_checkpoint",
     "from_transformers",
     "read_hf_state_dict",
+    "transformers_classes",
     "transformers_config",
     "transformers_state_dict",
 ]

@@ -323,8 +323,9 @@ class EvaluationRequest:
 
 
 def read_classes(shards: str, classes_file: str | os.PathLike | None = None) -> ClassInfo:
-    """Class metadata from classes.json (ClassInfo.to_json, exported beside model.pt) or the shard manifest.
-    The manifest is required either way: without it there is nothing to evaluate."""
+    """Class metadata from a classes.json (ClassInfo.to_json) or the shard manifest. The manifest is required
+    either way: without it there is nothing to evaluate. (evaluate_model prefers, to the manifest, the classes
+    the model file names: model.classes.known_classes.)"""
     import fsspec
 
     from pipeline.data.shards import MANIFEST_NAME, check_not_empty, manifest_classes, read_manifest
@@ -486,10 +487,16 @@ def _build_request(checkpoint, shards, classes, metrics, num_workers, max_images
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (expected a model file written by "
                                 "model.checkpoint.save_model or exported by training)")
     config = read_config(checkpoint)
-    class_info = read_classes(str(shards), classes)
+    class_info, source = read_classes(str(shards), classes), classes or "shard manifest"
+    if classes is None:  # the model's own classes (inside the file, else its classes.json) before the data's
+        from model.classes import known_classes
+
+        known = known_classes(checkpoint)
+        if known is not None:
+            class_info, source = ClassInfo.from_json(known[0].to_json()), known[1]
     if class_info.num_classes != config.num_classes:
         raise ValueError(f"the model predicts {config.num_classes} classes but the class list "
-                         f"({classes or 'shard manifest'}) has {class_info.num_classes}")
+                         f"({source}) has {class_info.num_classes}")
     options = EvaluationOptions(
         classes=class_info, thresholds=thresholds_from_config(config), metrics=tuple(metrics),
         size=resolve_inference_size(config, test_size), semantic_multiscale=multiscale,
