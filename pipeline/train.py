@@ -372,7 +372,9 @@ class Trainer:
         metadata and the metrics, in `<storage_path>/<job name>/<name>/`. Returns a local copy."""
         folder = Path(tempfile.mkdtemp(prefix=f"{name}_"))
         self._refreshed_evaluation_model(state)
-        save_model(self.evaluation_model, self.model_config, folder / "model.pt")
+        # The classes go inside model.pt (what predict, export and evaluate read first) and, for older readers,
+        # beside it as classes.json.
+        save_model(self.evaluation_model, self.model_config, folder / "model.pt", classes=self.classes.to_json())
         (folder / "classes.json").write_text(json.dumps(self.classes.to_json(), indent=1))
         (folder / "metrics.json").write_text(json.dumps({"step": self.step, **metrics}, indent=1))
         (folder / "job_config.json").write_text(json.dumps(self.job.model_dump(mode="json"), indent=1))
