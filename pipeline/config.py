@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model.backbones.weights_source import parse_reference
+from model.backbones.weights_source import parse_reference, resolve_weights
 from model.block_execution import BLOCK_KINDS
 from model.checkpoint import weights_config
 from model.presets import DATASET_SETTINGS, DATASETS, OneFormerConfig, make_config
@@ -134,7 +134,7 @@ class ModelSettings(_Section):
         if self.weights is None:
             raise ValueError("preset: required unless model.weights names the weights whose architecture to "
                              "use")
-        path = resolve_path(self.weights)
+        path = local_weights(self.weights)
         if not os.path.exists(path):
             raise ValueError(f"weights: file not found: {path}")
         dataset = typed.pop("dataset", None)
@@ -275,7 +275,9 @@ class ScalingSettings(_Section):
     ray_address: str | None = Field(None, description="None: local Ray or the cluster a submitted job runs in.")
     storage_path: str = Field("runs", description="Checkpoints and results: local path (under the work directory) or URL.")
     max_failures: int = Field(3, ge=-1, description="Automatic restarts from the latest checkpoint (-1: unlimited).")
-    runtime_env: dict[str, Any] = Field(default_factory=dict, description="Ray runtime environment for the workers.")
+    runtime_env: dict[str, Any] = Field(
+        default_factory=dict, description="Ray runtime environment of the training workers (RunConfig's "
+                                          "worker_runtime_env), e.g. {env_vars: {AWS_ENDPOINT_URL: ...}}.")
 
 
 class EvaluationSettings(_Section):
@@ -335,6 +337,9 @@ class JobConfig(_Section):
             raise ValueError(f"a {self.kind} job needs the section(s) {', '.join(missing)}")
         if self.synthetic_dataset is not None and self.data is None:
             raise ValueError("synthetic_dataset needs a data section whose root receives the dataset")
+        if self.synthetic_dataset is not None and "://" in self.data.root:
+            raise ValueError(f"synthetic_dataset writes local files but data.root is {self.data.root}: generate it "
+                             "in a folder (python -m pipeline.synthetic) and upload it, or drop synthetic_dataset")
         if self.kind == "train":
             self._check_training_layout()
         if self.kind == "evaluate" and self.evaluation.checkpoint is None:
@@ -485,6 +490,17 @@ def _resolve_paths(job: JobConfig) -> None:
     for name in ("checkpoint", "output", "shards"):
         if getattr(job.evaluation, name) is not None:
             setattr(job.evaluation, name, resolve_path(getattr(job.evaluation, name)))
+
+
+def local_weights(reference: str) -> str:
+    """A local path for `model.weights`: an object-store or https URL is fetched into the weights cache once
+    (model/backbones/weights_source.py, as backbone weights are); a path is made absolute."""
+    if "://" in reference:
+        try:
+            return str(resolve_weights(reference))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"weights: {reference}: {error}") from None
+    return resolve_path(reference)
 
 
 def _resolved_weights_reference(reference: str) -> str:

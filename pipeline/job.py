@@ -40,7 +40,8 @@ def run_preprocess_stage(job: JobConfig) -> list[dict]:
     summaries = run_preprocess(job.data, job.preprocess)
     for summary in summaries:
         print(f"shards {summary['split']}: {summary['num_samples']} samples ({summary['num_skipped']} skipped) "
-              f"in {summary['num_shards']} shards -> {summary['output']}")
+              f"in {summary['num_shards']} shards ({summary['shards_written']} written, {summary['shards_reused']} "
+              f"reused) -> {summary['output']}")
     return summaries
 
 

@@ -84,7 +84,7 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None, start_f
         scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
                                      resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
         run_config=RunConfig(
-            name=job.name, storage_path=job.scaling.storage_path,
+            name=job.name, storage_path=job.scaling.storage_path, worker_runtime_env=job.scaling.runtime_env or None,
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=job.training.keep_checkpoints),
         ),

@@ -32,7 +32,7 @@ from model.criterion import LossConfig, training_loss
 from model.inference import resolve_inference_size, thresholds_from_config
 from model.oneformer import OneFormer
 from model.presets import OneFormerConfig
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, local_weights
 from pipeline.data.readers import ClassInfo
 from pipeline.data.shards import manifest_classes, read_manifest
 from pipeline.data.stream import ModelInputs, build_eval_loader, build_train_loader
@@ -100,7 +100,7 @@ def build_training_model(job: JobConfig, config: OneFormerConfig) -> tuple[OneFo
         initialised |= {"init.backbone_weights": report.source,
                         "init.backbone_tensors_loaded": f"{report.loaded}/{report.backbone_tensors}"}
     if job.model.weights is not None:
-        weights = load_finetuning_weights(model, job.model.weights, _data_class_names(job))
+        weights = load_finetuning_weights(model, local_weights(job.model.weights), _data_class_names(job))
         log.info("model weights: %s", weights.summary())
         initialised |= {"init.weights": job.model.weights, "init.tensors_loaded": str(weights.loaded)}
         if weights.reinitialised:  # fine-tuning on another class set: the class head starts fresh

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -229,3 +230,102 @@ def submit(address: str, head: subprocess.Popen, job_file: Path, env_vars: dict)
         if time.monotonic() > deadline:
             raise TimeoutError(printed)
         time.sleep(2)
+
+
+# ------------------------------------------------------------------------------------------ S3
+class MotoS3Server:
+    """moto's S3-compatible server (`python -m moto.server`) on 127.0.0.1: a real HTTP object store that s3fs,
+    pyarrow (Ray's storage) and botocore talk to through AWS_ENDPOINT_URL, as they would to MinIO or S3."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The usual AWS variables a client (a driver, a Ray worker) reads."""
+        return {"AWS_ENDPOINT_URL": self.url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self) -> MotoS3Server:
+        with (self.folder / "moto.log").open("a") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"moto server exited; see {self.folder / 'moto.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                time.sleep(0.3)
+        raise TimeoutError(f"moto server not listening on {self.port} after 60 s")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process_group(self.process)
+
+
+class ConnectionCutter:
+    """A TCP proxy on 127.0.0.1 in front of `target_port` that closes the first `cuts` connections whose
+    request names `path_part` and whose response is longer than `after_bytes`, once that many bytes are
+    through: a store dropping long reads."""
+
+    def __init__(self, target_port: int, after_bytes: int, cuts: int, path_part: str = ""):
+        self.target_port, self.after_bytes, self.cuts_left = target_port, after_bytes, cuts
+        self.path_part = path_part.encode()
+        self.cut = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        requests: list[bytes] = []
+        threading.Thread(target=self._pipe, args=(client, upstream, None, requests), daemon=True).start()
+        self._pipe(upstream, client, self.after_bytes, requests)
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, limit: int | None, requests: list[bytes]) -> None:
+        """Copy source to sink; `requests` collects what the client sent, to tell which responses to cut."""
+        sent = 0
+        try:
+            while data := source.recv(65536):
+                if limit is None:
+                    requests.append(data[:512])
+                elif sent + len(data) > limit and self.path_part in b"".join(requests) and self._take_cut():
+                    sink.sendall(data[: max(0, limit - sent)])
+                    break
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+    def _take_cut(self) -> bool:
+        with self._lock:
+            if self.cuts_left <= 0:
+                return False
+            self.cuts_left -= 1
+            self.cut += 1
+            return True
+
+    def close(self) -> None:
+        self.listener.close()

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
+from pipeline.data import raw_files
 from pipeline.data.readers import (
     SOURCE_INSTANCES,
     SOURCE_PANOPTIC,
@@ -69,27 +70,19 @@ class ShardPlan:
     reuses a shard only when none of it changed."""
 
 
-def _file_state(path: str) -> list[int] | None:
-    """[size, mtime in ns] of an input file, None when it cannot be read (then it is bad input later)."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def _record_state(record: RawRecord) -> list:
     """Everything about a record that its shard depends on. JSON with ensure_ascii keeps any name (also the
     surrogate escapes of non-UTF-8 bytes) encodable."""
     state = [record.image_id, record.image_path, record.panoptic_path, record.height, record.width,
-             list(record.segments), _file_state(record.image_path), _file_state(record.panoptic_path)]
+             list(record.segments), raw_files.file_state(record.image_path),
+             raw_files.file_state(record.panoptic_path)]
     if record.source != SOURCE_PANOPTIC:  # panoptic records keep the fingerprints earlier versions wrote
-        state += [record.source, record.label_path, _file_state(record.label_path), record.ignore_label]
+        state += [record.source, record.label_path, raw_files.file_state(record.label_path), record.ignore_label]
     return state
 
 
 def _input_bytes(record: RawRecord) -> int:
-    files = (_file_state(path) for path in (record.image_path, record.annotation_path) if path)
+    files = (raw_files.file_state(path) for path in (record.image_path, record.annotation_path) if path)
     return sum(file[0] for file in files if file is not None)
 
 
@@ -126,13 +119,9 @@ def plan_shards(split: RawSplit, target_shard_mb: float, max_images: int | None 
 def _read_inputs(record: RawRecord, hasher) -> tuple[bytes, bytes]:
     """The image's bytes and those of its pixel annotation (b"" when the JSON holds it), both hashed."""
     try:
-        with open(record.image_path, "rb") as handle:
-            image_bytes = handle.read()
-        annotation_bytes = b""
-        if record.annotation_path:
-            with open(record.annotation_path, "rb") as handle:
-                annotation_bytes = handle.read()
-    except OSError as error:
+        image_bytes = raw_files.read_bytes(record.image_path)
+        annotation_bytes = raw_files.read_bytes(record.annotation_path) if record.annotation_path else b""
+    except raw_files.read_errors() as error:
         raise BadSampleError(f"cannot read: {printable(str(error))}") from error
     hasher.update(image_bytes)
     hasher.update(annotation_bytes)
@@ -409,11 +398,7 @@ def _write_shards(plans: list[ShardPlan], classes: ClassInfo, folder: str, setti
 
 
 def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return hashlib.sha256(raw_files.read_bytes(path)).hexdigest()
 
 
 def _printable_problems(problems: tuple[dict, ...]) -> list[dict]:
@@ -447,6 +432,7 @@ def _unannotated_note(split: RawSplit) -> str:
 def preprocess_split(dataset: DatasetSettings, settings: PreprocessSettings, split_name: str) -> dict:
     """Write (or finish writing) one split's shards and manifest; returns the split's summary."""
     started = time.perf_counter()
+    raw_files.forget_listings()
     split = read_split(dataset, split_name)
     _check_annotations(split, settings.on_error)
     if not split.records:

@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from numbers import Real
 
+from pipeline.data import raw_files
 from pipeline.data.settings import DatasetSettings, SplitPaths
 
 
@@ -73,10 +74,9 @@ class ClassInfo:
         """From a text file naming one class per line: line i (from 0) is label value i; the line of
         `ignore_label`, if the file has one, names no class. Every class is stuff (a label PNG has no
         instances)."""
-        if not os.path.isfile(path):
+        if not raw_files.is_file(path):
             raise FileNotFoundError(f"class list {path} not found (set data.class_list)")
-        with open(path, encoding="utf-8") as handle:
-            lines = [line.strip() for line in handle.read().rstrip().splitlines()]
+        lines = [line.strip() for line in raw_files.read_text(path).rstrip().splitlines()]
         blank = [number for number, line in enumerate(lines, 1) if not line]
         if blank:
             raise ValueError(f"{path}: line {blank[0]} is blank (line i names label value i - 1; no gaps)")
@@ -184,13 +184,12 @@ def read_split(settings: DatasetSettings, split: str) -> RawSplit:
     paths = resolve_split_paths(settings, split)
     if settings.format == "semantic_png":
         return _read_semantic_split(settings, split, paths)
-    if not os.path.isfile(paths.annotation_json):
+    if not raw_files.is_file(paths.annotation_json):
         raise FileNotFoundError(
             f"annotation JSON of split {split!r} not found at {paths.annotation_json} "
             f"(format {settings.format}; override with data.splits.{split}.annotation_json)"
         )
-    with open(paths.annotation_json) as handle:
-        document = json.load(handle)
+    document = json.loads(raw_files.read_text(paths.annotation_json))
     if settings.format == "coco_instances":
         classes = ClassInfo.from_categories([{**c, "isthing": 1} for c in document.get("categories", [])])
     else:
@@ -327,10 +326,10 @@ def _read_semantic_split(settings: DatasetSettings, split: str, paths: SplitPath
     classes = ClassInfo.from_class_list(class_list, settings.ignore_label)
     _check_class_count(settings, classes, class_list)
     for key, folder in (("image_dir", paths.image_dir), ("label_dir", paths.label_dir)):
-        if not os.path.isdir(folder):
+        if not raw_files.is_dir(folder):
             raise FileNotFoundError(f"{key} of split {split!r} not found at {folder} (format semantic_png; "
                                     f"override with data.splits.{split}.{key})")
-    names = sorted(name for name in os.listdir(paths.image_dir) if name.lower().endswith(IMAGE_SUFFIXES))
+    names = sorted(name for name in raw_files.list_names(paths.image_dir) if name.lower().endswith(IMAGE_SUFFIXES))
     records = tuple(
         RawRecord(image_id=os.path.splitext(name)[0], image_path=os.path.join(paths.image_dir, name),
                   panoptic_path="", height=0, width=0, segments=(),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ import webdataset as wds
 from model.presets import OneFormerConfig
 from model.texts import TASKS, TextTokenTable
 from pipeline.data.augment import PIXEL_MEAN, AugmentParams, augment
+from pipeline.data.raw_files import is_remote, read_errors
 from pipeline.data.settings import CROP_CANVAS_PRESETS, StreamSettings
 from pipeline.data.shards import (
     DecodedSample,
@@ -59,6 +61,9 @@ SKIP_DAMAGED_SHARD = "damaged shard"
 SKIP_BROKEN_TAR = "tar breaks off"
 SKIP_BAD_SEGMENT_MAP = "segment map outside its table"
 SKIP_UNDECODABLE = "undecodable sample"
+READ_ATTEMPTS = 3
+"""Reads of a shard that breaks off after passing its manifest check (object storage drops long reads)."""
+READ_RETRY_WAIT_S = 1.0
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -261,20 +266,33 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
 
     def _shard_samples(self, url: str, entry: dict, offset: int, tally: SkipTally,
                        keep: Callable[[int], bool]) -> Iterator[dict]:
+        """The kept samples of one shard. A remote shard that matches its manifest but whose read breaks off (a
+        connection to object storage reset mid-file) is opened again, up to READ_ATTEMPTS times, and read on
+        after the samples already handed out; what is still missing then is counted."""
         expected, read = entry["num_samples"], 0
         reason = SKIP_BROKEN_TAR
-        try:
-            fs, path = fsspec.core.url_to_fs(url)
-            verify_shard(fs, path, entry)
-            for sample in _tar_samples(fs, path, url):
-                if keep(offset + read):
-                    yield sample
-                read += 1
-            problem = f"{printable(url)} ends after {read} of the {expected} samples of its manifest"
-        except ShardError as error:
-            reason, problem = SKIP_DAMAGED_SHARD, str(error)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as error:  # what tarfile and fsspec raise
-            problem = f"{printable(url)} breaks off after {read} of its {expected} samples ({error})"
+        fs, path = fsspec.core.url_to_fs(url)
+        attempts = READ_ATTEMPTS if is_remote(url) else 1  # a local file that breaks off stays broken
+        for attempt in range(1, attempts + 1):
+            try:
+                if attempt == 1:
+                    verify_shard(fs, path, entry)
+                for index, sample in enumerate(_tar_samples(fs, path, url)):
+                    if index < read:  # handed out before an earlier attempt broke off
+                        continue
+                    if keep(offset + read):
+                        yield sample
+                    read += 1
+                problem = f"{printable(url)} ends after {read} of the {expected} samples of its manifest"
+                break
+            except ShardError as error:
+                reason, problem = SKIP_DAMAGED_SHARD, str(error)
+                break
+            except (tarfile.TarError, ValueError, *read_errors()) as error:  # what tarfile and fsspec raise
+                problem = f"{printable(url)} breaks off after {read} of its {expected} samples ({error})"
+                if attempt < attempts and read < expected:
+                    log.warning("%s; reading it again (attempt %d of %d)", problem, attempt + 1, attempts)
+                    time.sleep(READ_RETRY_WAIT_S * attempt)
         if read < expected:
             tally.add(reason, sum(map(keep, range(offset + read, offset + expected))), problem)
 
