@@ -35,7 +35,9 @@ from model.texts import TASKS
 
 TOLERANCE = 1e-4
 SWIN_L_ONNX_RUNTIME_TOLERANCE = 5e-4
-"""Open: ONNX Runtime on Swin-L with random weights reaches 2.7e-4 (see the Swin-L test)."""
+"""ONNX Runtime on Swin-L with random weights reaches 2.7e-4: not its kernels but the masked attention's
+threshold (sigmoid < 0.5), which fp32 rounding flips for mask logits within ~1e-7 of 0; the eager model itself
+moves by 4.3e-4 there when its input is scaled by 1 + 1e-7 noise (docs/use_a_trained_model.md, Checked)."""
 CLASSES = [
     {"contiguous_id": k, "category_id": 10 + 3 * k, "name": f"class{k}", "isthing": k < 2} for k in range(4)
 ]
@@ -222,8 +224,9 @@ def test_swin_l_exports_equal_eager_at_small_inputs(tmp_path):
     save_torch(program, info, tmp_path / "swin.pt2")
     save_onnx(program, info, tmp_path / "swin.onnx")
     del program, model
-    # ONNX Runtime's own fp32 kernels through 24 random-weight Swin blocks: measured up to 2.7e-4 on the
-    # class logits (448x512, panoptic), above the 1e-4 asked for; the torch.export program stays below it.
+    # ONNX Runtime: up to 2.7e-4 (448x512, panoptic), where a mask logit within ~1e-7 of 0 at the masked
+    # attention's threshold rounds to the other side (see SWIN_L_ONNX_RUNTIME_TOLERANCE); 1e-6 to 1.7e-5 in
+    # the other cases. The torch.export program runs the eager kernels and stays below 1e-4.
     runtimes = ((ExportedProgramModel(tmp_path / "swin.pt2"), TOLERANCE),
                 (OnnxRuntimeModel(tmp_path / "swin.onnx"), SWIN_L_ONNX_RUNTIME_TOLERANCE))  # fmt: skip
     for runtime, tolerance in runtimes:
