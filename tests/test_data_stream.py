@@ -66,14 +66,16 @@ def _batches(loader, count):
 
 
 @pytest.mark.parametrize("layout", ["many", "one"])  # split by shard, and by sample when shards are scarce
-def test_two_nodes_two_workers_see_disjoint_samples_covering_the_split(shards, layout):
+@pytest.mark.parametrize("world_size", [2, 8])  # 8 ranks x 2 workers: more consumers than shards or samples
+def test_ranks_and_workers_see_disjoint_samples_covering_the_split(shards, layout, world_size):
     seen = []
-    for rank in range(2):
-        loader = _eval_loader(str(shards / layout / "train"), rank=rank, world_size=2, loader_workers=2)
+    for rank in range(world_size):
+        loader = _eval_loader(str(shards / layout / "train"), rank=rank, world_size=world_size, loader_workers=2)
         seen.append([image_id for batch in loader for image_id in batch["image_ids"]])
-        assert len({b for b in loader.positions}) == 2  # both workers of the rank contributed
-    assert not set(seen[0]) & set(seen[1])
-    assert sorted(seen[0] + seen[1]) == sorted({*seen[0], *seen[1]}) and len(seen[0] + seen[1]) == NUM_TRAIN
+        if world_size == 2:  # 4 consumers for 10 samples: both workers of the rank contribute
+            assert len(loader.positions) == 2
+    every = [image_id for rank_seen in seen for image_id in rank_seen]
+    assert sorted(every) == sorted(set(every)) and len(every) == NUM_TRAIN  # each sample exactly once
 
 
 def test_training_batches_follow_the_contract(shards):
