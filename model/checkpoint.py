@@ -1,7 +1,7 @@
 """The model file: the one place that builds OneFormer from its config, writes it, and reads it back.
 
-    save_model(model, config, "model.pt", classes)  # {"config": OneFormerConfig as a dict, "model": state_dict,
-                                                    #  "classes": the classes' JSON entries, when known}
+    save_model(model, config, "model.pt", classes)  # {"config": OneFormerConfig as a dict,
+                                                    #  "model": state_dict, "classes": JSON entries, if known}
     config = read_config("model.pt")          # memory-mapped: no weights are read
     classes = read_classes("model.pt")        # model.classes.ModelClasses, or None for a file without them
     model = load_model("model.pt")            # strict; eval mode
@@ -67,15 +67,17 @@ def save_model(
     path: str | os.PathLike,
     classes: ModelClasses | list[dict] | None = None,
 ) -> None:
-    """Write {"config", "model"} and, when given, "classes" to `path` atomically: a reader sees the old file or
-    the complete new one. `classes`: ModelClasses or their JSON entries form (ClassInfo.to_json's list)."""
+    """Write {"config", "model"} and, when given, "classes" to `path` atomically: a reader sees the old file
+    or the complete new one. `classes`: ModelClasses or their JSON entries form (ClassInfo.to_json's list)."""
     path = Path(path)
     saved = {"config": dataclasses.asdict(config), "model": model.state_dict()}
     if classes is not None:
         if not isinstance(classes, ModelClasses):
             classes = ModelClasses.from_json(classes, f"classes for {path}")
         if classes.num_classes != config.num_classes:
-            raise ValueError(f"{path}: {classes.num_classes} classes given for a model of {config.num_classes}")
+            raise ValueError(
+                f"{path}: {classes.num_classes} classes given for a model of {config.num_classes}"
+            )
         saved["classes"] = classes.to_json()
     partial = path.with_name(path.name + ".partial")
     torch.save(saved, partial)

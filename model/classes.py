@@ -113,5 +113,7 @@ def classes_for_model(
             )
         classes, source = known
     if classes.num_classes != num_classes:
-        raise ClassesFileError(f"{source}: {classes.num_classes} classes, but the model predicts {num_classes}")
+        raise ClassesFileError(
+            f"{source}: {classes.num_classes} classes, but the model predicts {num_classes}"
+        )
     return classes

@@ -15,13 +15,13 @@ ONNX in its metadata_props, torch.export as the extra file "oneformer.json".
 Deformable attention and neighborhood attention go into the graph through their plain-PyTorch references;
 the Triton and FlexAttention kernels are a runtime choice of the eager model, not part of the graph.
 
-Why `InferenceNetwork` re-expresses two forwards instead of calling them: the eager pixel decoder keeps the
-level layout in a tensor (`spatial_shapes`) and the reference kernel reads it back with `.tolist()`, which
-torch.export cannot follow for a dynamic size (the values become data, then sizes); and DiNAT pads a map
-smaller than its dilated window with `max(0, window - size)` and an `if`, a branch on the input size that
-one graph cannot hold. Here the level layout stays symbolic Python ints, and the DiNAT padding is
-`sym_max` without a branch. Both use the eager modules' own parameters and submodules; the parity tests
-compare the exported outputs with the eager model's for every task at several sizes.
+The pixel decoder is exported as it runs eagerly (it keeps its level layout as Python ints for the reference
+kernel, model/pixel_decoder.py). Why `InferenceNetwork` re-expresses two backbone blocks instead: DiNAT pads a
+map smaller than its dilated window with `max(0, window - size)` and an `if`, a branch on the input size that
+one graph cannot hold (here `sym_max` without a branch); and Swin's eager window partition (see
+WindowCountSwinBlock) makes the tracer's symbolic size algebra take tens of minutes. Both use the eager
+modules' own parameters and submodules; the parity tests compare the exported outputs with the eager model's
+for every task at several sizes.
 """
 
 from __future__ import annotations
@@ -34,23 +34,18 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import nn
 
-import model.pixel_decoder as pixel_decoder_module
-from kernels.ms_deform_attn.reference import ms_deform_attn_reference_static
 from kernels.neighborhood_attention.reference import neighborhood_attention_reference
 from model.backbones.dinat import NeighborhoodAttention2D
 from model.backbones.swin import SwinBlock, WindowAttention, shifted_window_mask
 from model.checkpoint import ModelFileError, load_model, read_config
 from model.classes import ClassesFileError, ModelClasses, classes_for_model
-from model.layers import sine_position_encoding
 from model.oneformer import OneFormer
-from model.pixel_decoder import NUM_ENCODER_LEVELS, PixelDecoder, geometry_dtype
 from model.presets import OneFormerConfig
 from model.task_conditioning import task_token_ids
 from model.texts import TASKS
@@ -230,73 +225,6 @@ def _with_export_blocks(module: nn.Module) -> None:
             _with_export_blocks(child)
 
 
-def _level_shapes_tensor(features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """int64 [L, 2] (h, w) of each map, built from the tensors' sizes so that it stays symbolic when traced
-    (torch.as_tensor of sizes would freeze the traced values)."""
-    return torch.stack(
-        [
-            torch.stack(
-                [torch.full((), size, dtype=torch.long, device=feature.device) for size in feature.shape[-2:]]
-            )
-            for feature in features
-        ]
-    )
-
-
-def _encoder_reference_points(shapes, batch: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """model.pixel_decoder.encoder_reference_points with all valid ratios 1 (the eager decoder's), the pixel
-    centres as arange + 0.5: the same values as its linspace(0.5, n - 0.5, n), whose end would be a
-    symbolic float that the trace freezes."""
-    per_level = []
-    for height, width in shapes:
-        ref_y, ref_x = torch.meshgrid(
-            (torch.arange(height, device=device).to(dtype) + 0.5) / height,
-            (torch.arange(width, device=device).to(dtype) + 0.5) / width,
-            indexing="ij",
-        )
-        per_level.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
-    points = torch.cat(per_level, 0)
-    return points[None, :, None].expand(batch, -1, NUM_ENCODER_LEVELS, -1)
-
-
-def pixel_decoder_with_level_shapes(decoder: PixelDecoder, features: list[torch.Tensor]):
-    """PixelDecoder.forward with the level layout kept as (symbolic) Python ints for the deformable
-    attention's reference (see the module docstring); same submodules, same numbers."""
-    encoder_inputs = features[:0:-1]  # res5, res4, res3
-    sources, positions, shapes = [], [], []
-    for level, (feature, projection) in enumerate(zip(encoder_inputs, decoder.input_proj)):
-        batch, _, height, width = feature.shape
-        source = projection(feature)
-        position = sine_position_encoding(
-            batch, height, width, decoder.conv_dim // 2, feature.device, source.dtype
-        )
-        sources.append(source.flatten(2).transpose(1, 2))
-        positions.append(position.flatten(2).transpose(1, 2) + decoder.level_embed[level].view(1, 1, -1))
-        shapes.append((height, width))
-    src, pos = torch.cat(sources, 1), torch.cat(positions, 1)
-    spatial_shapes = _level_shapes_tensor(encoder_inputs)
-    starts = [0]
-    for height, width in shapes[:-1]:
-        starts.append(starts[-1] + height * width)
-    reference_points = _encoder_reference_points(shapes, src.shape[0], geometry_dtype(src.dtype), src.device)
-
-    def deformable_attention(value, _spatial_shapes, _level_start_index, locations, weights, backend=None):
-        return ms_deform_attn_reference_static(value, shapes, starts, locations, weights)
-
-    with mock.patch.object(pixel_decoder_module, "ms_deform_attn", deformable_attention):
-        for layer in decoder.layers:
-            src = layer(src, pos, reference_points, spatial_shapes, None)
-
-    batch = src.shape[0]
-    encoder_maps = [
-        tokens.transpose(1, 2).reshape(batch, -1, height, width)
-        for tokens, (height, width) in zip(src.split([h * w for h, w in shapes], dim=1), shapes)
-    ]
-    lateral = decoder.lateral_conv(features[0])
-    upsampled = F.interpolate(encoder_maps[-1], size=lateral.shape[-2:], mode="bilinear", align_corners=False)
-    return decoder.mask_features(decoder.output_conv(lateral + upsampled)), encoder_maps
-
-
 class InferenceNetwork(nn.Module):
     """OneFormer up to the class and mask logits, with the task as an index into TASKS (the graph that is
     exported). Shares the parameters of `model`, whose DiNAT attention modules it replaces in place."""
@@ -311,7 +239,7 @@ class InferenceNetwork(nn.Module):
     def forward(self, images: torch.Tensor, task_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         model = self.model
         features = model.backbone(model.normalise(images))
-        mask_features, multi_scale_features = pixel_decoder_with_level_shapes(model.pixel_decoder, features)
+        mask_features, multi_scale_features = model.pixel_decoder(features)
         task_token = model.task_encoder.task_mlp(self.task_token_ids[task_index])
         outputs = model.transformer_decoder(multi_scale_features, mask_features, task_token)
         return outputs["pred_logits"], outputs["pred_masks"]

@@ -20,8 +20,15 @@ Where the public implementations differ (and what we follow):
   non-finite activations in training; we follow the official code: dropout follows `module.training`, no clamp.
 - Hugging Face keeps `level_embed` on the pixel decoder, the official code on its encoder wrapper; we keep it
   here (`PixelDecoder.level_embed`), same shape [3, conv_dim].
-- The official code passes an all-false padding mask, so the valid ratios are all 1; we compute the
-  Deformable-DETR reference points with those ratios (images are padded by the caller, not masked).
+- The official code passes an all-false padding mask, so the valid ratios are all 1; our Deformable-DETR
+  reference points are the pixel centres of each level with those ratios (images are padded by the caller,
+  not masked).
+
+The level layout travels as Python ints (`level_shapes`) beside its tensor form: the PyTorch reference kernel
+gets the ints and slices by them instead of reading a tensor back with `.tolist()`, so torch.export
+(model/export.py) traces this forward with symbolic sizes; the Triton kernel takes the tensors. The reference
+points are `arange + 0.5` (the values of Deformable DETR's `linspace(0.5, n - 0.5, n)`, whose symbolic float
+end a trace would freeze).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import choose_backend
 from kernels.ms_deform_attn import ms_deform_attn
 from model.block_execution import run_block
 from model.layers import sine_position_encoding
@@ -108,9 +116,11 @@ class MultiScaleDeformableAttention(nn.Module):
         value_input: torch.Tensor,
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
+        level_shapes: list[tuple[int, int]],
     ) -> torch.Tensor:
         """query [B, Lq, C] (with position), reference_points [B, Lq, L, 2] in [0, 1] (x, y), at least fp32,
-        value_input [B, Lv, C], spatial_shapes [L, 2] (h, w) -> [B, Lq, C]."""
+        value_input [B, Lv, C], spatial_shapes [L, 2] (h, w) and the same as ints, level_shapes
+        -> [B, Lq, C]."""
         batch, num_queries, _ = query.shape
         num_values = value_input.shape[1]
         heads, levels, points = self.num_heads, self.num_levels, self.num_points
@@ -119,9 +129,12 @@ class MultiScaleDeformableAttention(nn.Module):
         weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
         weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
         locations = sampling_locations(reference_points, offsets, spatial_shapes)
-        sampled = ms_deform_attn(
-            value, spatial_shapes, level_start_index, locations, weights, backend=self.backend
-        )
+        # The reference takes the layout as Python ints (no `.tolist()`: module docstring), Triton as tensors.
+        if choose_backend("ms_deform_attn", value.device, self.backend) == "reference":
+            layout = (level_shapes, level_starts(level_shapes))
+        else:
+            layout = (spatial_shapes, level_start_index)
+        sampled = ms_deform_attn(value, *layout, locations, weights, backend=self.backend)
         return self.output_proj(sampled)
 
 
@@ -148,31 +161,49 @@ class DeformableEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index) -> torch.Tensor:
-        attended = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index)
+    def forward(
+        self, src, pos, reference_points, spatial_shapes, level_start_index, level_shapes
+    ) -> torch.Tensor:
+        attended = self.self_attn(
+            src + pos, reference_points, src, spatial_shapes, level_start_index, level_shapes
+        )
         src = self.norm1(src + self.dropout1(attended))
         hidden = self.linear2(self.dropout2(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout3(hidden))
 
 
+def level_starts(level_shapes: list[tuple[int, int]]) -> list[int]:
+    """Where each level's tokens start in the flattened sequence."""
+    starts = [0]
+    for height, width in level_shapes[:-1]:
+        starts.append(starts[-1] + height * width)
+    return starts
+
+
+def level_shapes_tensor(level_shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """int64 [L, 2] (h, w), built element by element so that symbolic sizes stay symbolic under torch.export
+    (torch.as_tensor of sizes would freeze the traced values)."""
+    return torch.stack(
+        [torch.stack([torch.full((), size, dtype=torch.long, device=device) for size in shape])
+         for shape in level_shapes]
+    )  # fmt: skip
+
+
 def encoder_reference_points(
-    spatial_shapes: list[tuple[int, int]], valid_ratios: torch.Tensor
+    level_shapes: list[tuple[int, int]], batch: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """Deformable DETR's reference points: every pixel centre of every level, normalised by the valid
-    extent of its own level and re-expressed in each level's frame -> [B, sum(h*w), L, 2] (x, y)."""
-    device, dtype = valid_ratios.device, valid_ratios.dtype
+    """Deformable DETR's reference points with every valid ratio 1: every pixel centre of every level,
+    normalised by its level's size, the same for each level's frame -> [B, sum(h*w), L, 2] (x, y)."""
     per_level = []
-    for level, (height, width) in enumerate(spatial_shapes):
+    for height, width in level_shapes:
         ref_y, ref_x = torch.meshgrid(
-            torch.linspace(0.5, height - 0.5, height, dtype=dtype, device=device),
-            torch.linspace(0.5, width - 0.5, width, dtype=dtype, device=device),
+            (torch.arange(height, device=device).to(dtype) + 0.5) / height,
+            (torch.arange(width, device=device).to(dtype) + 0.5) / width,
             indexing="ij",
         )
-        ref_y = ref_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
-        ref_x = ref_x.reshape(-1)[None] / (valid_ratios[:, None, level, 0] * width)
-        per_level.append(torch.stack((ref_x, ref_y), -1))
-    reference_points = torch.cat(per_level, 1)
-    return reference_points[:, :, None] * valid_ratios[:, None]
+        per_level.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
+    points = torch.cat(per_level, 0)
+    return points[None, :, None].expand(batch, -1, len(level_shapes), -1)
 
 
 def conv_norm(
@@ -261,15 +292,14 @@ class PixelDecoder(nn.Module):
             shapes.append((height, width))
         src = torch.cat(sources, 1)
         pos = torch.cat(positions, 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        spatial_shapes = level_shapes_tensor(shapes, src.device)
         level_start_index = torch.cat((spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]))
         # fp32 even when the layers run in bf16: see the module docstring.
-        valid_ratios = torch.ones(
-            src.shape[0], NUM_ENCODER_LEVELS, 2, dtype=geometry_dtype(src.dtype), device=src.device
+        reference_points = encoder_reference_points(
+            shapes, src.shape[0], geometry_dtype(src.dtype), src.device
         )
-        reference_points = encoder_reference_points(shapes, valid_ratios)
         for layer in self.layers:
-            src = run_block(layer, src, pos, reference_points, spatial_shapes, level_start_index)
+            src = run_block(layer, src, pos, reference_points, spatial_shapes, level_start_index, shapes)
 
         batch = src.shape[0]
         encoder_maps = [

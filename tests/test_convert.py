@@ -122,8 +122,9 @@ def test_checkpoint_round_trip_and_cli(converted, tmp_path):
 
 
 def test_cli_stores_the_classes_it_knows_in_the_model_file(converted, tmp_path, caplog):
-    """Names from id2label with the thing ids of preprocessor_config.json's metadata (what HF's image processor
-    saves); without thing ids no classes and a warning saying why; --classes stores a given classes.json."""
+    """Names from id2label with the thing ids of preprocessor_config.json's metadata (what HF's image
+    processor saves); without thing ids no classes and a warning saying why; --classes stores a given
+    classes.json."""
     from model.checkpoint import read_classes
 
     directory = tmp_path / "hf"
@@ -143,7 +144,8 @@ def test_cli_stores_the_classes_it_knows_in_the_model_file(converted, tmp_path, 
     given = [{"contiguous_id": k, "category_id": 7 + k, "name": f"c{k}", "isthing": k == 0} for k in range(5)]
     (tmp_path / "classes.json").write_text(json.dumps(given))
     out = tmp_path / "given.pt"
-    convert_main([str(directory), "--out", str(out), "--dataset", "ade20k", "--classes", str(tmp_path / "classes.json")])
+    classes_file = str(tmp_path / "classes.json")
+    convert_main([str(directory), "--out", str(out), "--dataset", "ade20k", "--classes", classes_file])
     assert read_classes(out).to_json() == given
 
 

@@ -246,9 +246,10 @@ def test_panoptic_png_encoding_is_the_coco_one():
     assert ids_to_rgb(ids).tolist() == [[[0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 1]]]
 
 
-# ---------------------------------------------------------------------------------------------- classes in model.pt
+# ---------------------------------------------------------------------------------------------- model classes
 def _renamed(classes: ModelClasses, prefix: str) -> ModelClasses:
-    return ModelClasses(tuple(f"{prefix}{name}" for name in classes.names), classes.is_thing, classes.category_ids)
+    names = tuple(f"{prefix}{name}" for name in classes.names)
+    return ModelClasses(names, classes.is_thing, classes.category_ids)
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +267,7 @@ def named_model(data, tmp_path_factory):
 def test_model_file_round_trips_its_classes_and_old_files_still_load(data, named_model, tmp_path):
     own = read_model_file_classes(named_model["checkpoint"])
     assert own == _renamed(named_model["classes"], "own ")
-    assert read_model_file_classes(data["checkpoint"]) is None  # a file written without classes (before they went inside)
+    assert read_model_file_classes(data["checkpoint"]) is None  # written without classes, as older files are
     old = torch.load(data["checkpoint"], weights_only=True)
     assert set(old) == {"config", "model"}
     torch.testing.assert_close(
@@ -303,5 +304,5 @@ def test_evaluate_uses_the_classes_of_the_model_file(data, named_model):
     common = dict(metrics=("miou",), progress=False, max_images=1, test_size=tuple(map(int, TEST_SIZE)))
     own = evaluate_model(named_model["checkpoint"], data["root"] / "shards" / "val", **common)
     assert own["classes"] == list(_renamed(named_model["classes"], "own ").names)
-    manifest = evaluate_model(data["checkpoint"], data["root"] / "shards" / "val", **common)  # old file: beside
-    assert manifest["classes"] == list(named_model["classes"].names)
+    beside = evaluate_model(data["checkpoint"], data["root"] / "shards" / "val", **common)  # an older file
+    assert beside["classes"] == list(named_model["classes"].names)

@@ -5,23 +5,31 @@ path share. Semantics follow Deformable DETR: bilinear sampling with zero paddin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 
 def ms_deform_attn_reference(
     value: torch.Tensor,
-    spatial_shapes: torch.Tensor,
-    level_start_index: torch.Tensor,
+    spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
+    level_start_index: torch.Tensor | Sequence[int],
     sampling_locations: torch.Tensor,
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """value [B, Lv, H, D], spatial_shapes [L, 2] (h, w), level_start_index [L],
     sampling_locations [B, Lq, H, L, P, 2] (x, y in [0, 1]), attention_weights [B, Lq, H, L, P]
-    -> [B, Lq, H * D]. Computes in the dtype of `value` (upcast the inputs for a float64 reference)."""
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    starts = [int(s) for s in level_start_index.tolist()]
-    return ms_deform_attn_reference_static(value, shapes, starts, sampling_locations, attention_weights)
+    -> [B, Lq, H * D]. Computes in the dtype of `value` (upcast the inputs for a float64 reference).
+    The layout may also be Python ints ((h, w) pairs and starts): they are used as given, so sizes that
+    torch.export traces symbolically stay symbolic (a tensor's `.tolist()` would turn them into data)."""
+    if isinstance(spatial_shapes, torch.Tensor):
+        spatial_shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    if isinstance(level_start_index, torch.Tensor):
+        level_start_index = [int(s) for s in level_start_index.tolist()]
+    return ms_deform_attn_reference_static(
+        value, list(spatial_shapes), list(level_start_index), sampling_locations, attention_weights
+    )
 
 
 def ms_deform_attn_reference_static(

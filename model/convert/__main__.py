@@ -22,8 +22,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="dataset settings (inference thresholds); guessed from the class count if omitted")
     parser.add_argument("--training", action="store_true", help="also build the text mapper (fresh if absent)")
     parser.add_argument("--classes", default=None,
-                        help="classes.json (contiguous_id, category_id, name, isthing) to store in the model file; "
-                             "default: config.json's id2label with preprocessor_config.json's thing ids")
+                        help="classes.json (contiguous_id, category_id, name, isthing) to store in the model "
+                             "file; default: config.json's id2label with preprocessor_config.json's thing "
+                             "ids")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -38,11 +39,13 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _classes(args, num_classes: int):
-    """The classes to store: --classes, else the directory's; none (with a warning saying why) when unknown."""
+    """The classes to store: --classes, else the directory's; none (and a warning saying why) if unknown."""
     if args.classes is not None:
         classes = read_classes_file(args.classes)
         if classes.num_classes != num_classes:
-            raise ClassesFileError(f"{args.classes}: {classes.num_classes} classes, but the model predicts {num_classes}")
+            raise ClassesFileError(
+                f"{args.classes}: {classes.num_classes} classes, but the model predicts {num_classes}"
+            )
         return classes
     classes, missing = transformers_classes(args.directory, num_classes)
     if classes is None:
