@@ -9,6 +9,7 @@ the whole module, so the exported fp32 weights are the file's values rounded to 
 import ctypes
 import gc
 import json
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +31,11 @@ TINY_LEARNING_RATE = 1e-30
 # Backbone state-dict entries and how many come from an ImageNet file: all but the 4 output norms (weight, bias).
 BACKBONE_TENSORS = {"swin_l_ade20k": 333, "dinat_l": 413}
 PRECISION = {"swin_l_ade20k": "bf16", "dinat_l": "fp32"}  # as the job files say
-RECIPES = ["swin_l_ade20k", "dinat_l"]
+# The DiNAT-L run (the official fp32 recipe, 7-8 minutes here) is left to ONEFORMER_REAL_SIZE_RECIPES=1 so that the
+# suite stays near 20 minutes on this 2-core machine; Swin-L (bf16, 2-3 minutes) always runs the whole path (the
+# shipped job file at real size, the weights file's layout, the export). DiNAT-L's blocks are checked at small size
+# in tests/test_backbones.py, and `make gpu-check` trains a 640x640 step of the preset on a GPU.
+RECIPES = ["swin_l_ade20k"] + (["dinat_l"] if os.environ.get("ONEFORMER_REAL_SIZE_RECIPES") == "1" else [])
 
 
 def release_freed_memory() -> None:
