@@ -15,13 +15,12 @@ ONNX in its metadata_props, torch.export as the extra file "oneformer.json".
 Deformable attention and neighborhood attention go into the graph through their plain-PyTorch references;
 the Triton and FlexAttention kernels are a runtime choice of the eager model, not part of the graph.
 
-The pixel decoder is exported as it runs eagerly (it keeps its level layout as Python ints for the reference
-kernel, model/pixel_decoder.py). Why `InferenceNetwork` re-expresses two backbone blocks instead: DiNAT pads a
-map smaller than its dilated window with `max(0, window - size)` and an `if`, a branch on the input size that
-one graph cannot hold (here `sym_max` without a branch); and Swin's eager window partition (see
-WindowCountSwinBlock) makes the tracer's symbolic size algebra take tens of minutes. Both use the eager
-modules' own parameters and submodules; the parity tests compare the exported outputs with the eager model's
-for every task at several sizes.
+The pixel decoder and DiNAT are exported as they run eagerly (the pixel decoder keeps its level layout as
+Python ints for the reference kernel; DiNAT pads to its dilated window by `sym_max` without a branch). Why
+`InferenceNetwork` re-expresses the Swin block instead: its eager window partition (see WindowCountSwinBlock)
+makes the tracer's symbolic size algebra take tens of minutes. WindowCountSwinBlock uses the eager block's own
+parameters and submodules; the parity tests compare the exported outputs with the eager model's for every
+task at several sizes.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ import torch.fx.experimental._config as fx_config
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.neighborhood_attention.reference import neighborhood_attention_reference
-from model.backbones.dinat import NeighborhoodAttention2D
+from model.backbones.dinat import NeighborhoodAttention2D, crop_map
 from model.backbones.swin import SwinBlock, WindowAttention, shifted_window_mask
 from model.checkpoint import ModelFileError, load_model, read_config
 from model.classes import ClassesFileError, ModelClasses, classes_for_model
@@ -112,31 +110,6 @@ class ExportInfo:
 
 
 # ---------------------------------------------------------------------------------------------- the network
-class BranchFreeNeighborhoodAttention(nn.Module):
-    """DiNAT's NeighborhoodAttention2D (same parameters, shared) with its padding to the dilated window as
-    `sym_max(0, window - size)` and no branch, so one exported graph serves maps smaller and larger than
-    the window; always through the plain-PyTorch reference."""
-
-    def __init__(self, attention: NeighborhoodAttention2D):
-        super().__init__()
-        self.attention = attention
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attention = self.attention
-        batch, height, width, channels = x.shape
-        window = attention.kernel_size * attention.dilation
-        padded = F.pad(x, (0, 0, 0, torch.sym_max(0, window - width), 0, torch.sym_max(0, window - height)))
-        padded_h, padded_w = padded.shape[1:3]
-        heads = attention.num_heads
-        qkv = attention.qkv(padded).reshape(batch, padded_h, padded_w, 3, heads, channels // heads)
-        query, key, value = qkv.permute(3, 0, 4, 1, 2, 5)
-        out = neighborhood_attention_reference(
-            query, key, value, attention.kernel_size, attention.dilation, rpb=attention.rpb
-        )
-        out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
-        return attention.proj(_crop(out, height, width))
-
-
 class WindowCountSwinBlock(nn.Module):
     """Swin's SwinBlock (same parameters, shared) with the window grid counted once as (size + w - 1) // w
     and the shift mask broadcast over the images instead of repeated per window: the same numbers, but the
@@ -166,7 +139,7 @@ class WindowCountSwinBlock(nn.Module):
         )
         if shift > 0:
             attended = torch.roll(attended, shifts=(shift, shift), dims=(1, 2))
-        x = x + _crop(attended, height, width)  # drop-path is the identity in eval mode
+        x = x + crop_map(attended, height, width)  # drop-path is the identity in eval mode
         return x + block.mlp(block.norm2(x))
 
 
@@ -205,20 +178,12 @@ def _window_attention(
     return attention.proj(out.transpose(1, 2).reshape(batch, num_windows, area, channels))
 
 
-def _crop(x: torch.Tensor, height, width) -> torch.Tensor:
-    """x [B, H', W', C] -> [B, height, width, C] by gathering rows and columns rather than slicing: a slice's
-    strides (and so the layout choices after it) would depend on whether padding happened, and the trace
-    would fix that choice for every size."""
-    rows = torch.arange(height, device=x.device)
-    columns = torch.arange(width, device=x.device)
-    return x.index_select(1, rows).index_select(2, columns)
-
-
 def _with_export_blocks(module: nn.Module) -> None:
-    """Replace, in place, every NeighborhoodAttention2D and SwinBlock below `module` by its export form."""
+    """Replace, in place, every SwinBlock below `module` by its export form, and set every DiNAT attention to
+    the plain-PyTorch reference (the kernel that goes into the graph)."""
     for name, child in module.named_children():
         if isinstance(child, NeighborhoodAttention2D):
-            setattr(module, name, BranchFreeNeighborhoodAttention(child))
+            child.attn_backend = "reference"
         elif isinstance(child, SwinBlock):
             setattr(module, name, WindowCountSwinBlock(child))
         else:
@@ -227,7 +192,8 @@ def _with_export_blocks(module: nn.Module) -> None:
 
 class InferenceNetwork(nn.Module):
     """OneFormer up to the class and mask logits, with the task as an index into TASKS (the graph that is
-    exported). Shares the parameters of `model`, whose DiNAT attention modules it replaces in place."""
+    exported). Shares the parameters of `model`, whose Swin blocks it replaces in place (and whose DiNAT
+    attention it sets to the reference kernel)."""
 
     def __init__(self, model: OneFormer):
         super().__init__()

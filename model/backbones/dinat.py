@@ -82,17 +82,26 @@ class NeighborhoodAttention2D(nn.Module):
         batch, height, width, channels = x.shape
         # Maps smaller than the dilated window are zero-padded at the bottom/right BEFORE the qkv projection,
         # as NATTEN 0.14 does, so padded keys carry the projection bias; the released weights expect that.
+        # Padded by sym_max without a branch, and cropped by gathers (crop_map), so that one torch.export
+        # graph (model/export.py) serves maps smaller and larger than the window.
         window = self.kernel_size * self.dilation
-        pad_bottom, pad_right = max(0, window - height), max(0, window - width)
-        if pad_bottom or pad_right:
-            x = F.pad(x, (0, 0, 0, pad_right, 0, pad_bottom))
+        x = F.pad(x, (0, 0, 0, torch.sym_max(0, window - width), 0, torch.sym_max(0, window - height)))
         padded_h, padded_w = x.shape[1:3]
         qkv = self.qkv(x).reshape(batch, padded_h, padded_w, 3, self.num_heads, channels // self.num_heads)
         query, key, value = qkv.permute(3, 0, 4, 1, 2, 5)
         out = neighborhood_attention(query, key, value, self.kernel_size, self.dilation, rpb=self.rpb,
                                      backend=self.attn_backend)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
-        return self.proj(out[:, :height, :width])
+        return self.proj(crop_map(out, height, width))
+
+
+def crop_map(x: torch.Tensor, height, width) -> torch.Tensor:
+    """x [B, H', W', C] -> [B, height, width, C] by gathering rows and columns rather than slicing: a slice's
+    strides (and so the layout choices after it) would depend on whether padding happened, and a torch.export
+    trace would fix that choice for every size."""
+    rows = torch.arange(height, device=x.device)
+    columns = torch.arange(width, device=x.device)
+    return x.index_select(1, rows).index_select(2, columns)
 
 
 class NATLayer(nn.Module):
