@@ -85,7 +85,9 @@ def _add_model_parser(tasks) -> argparse.ArgumentParser:
                        help="model file (model/checkpoint.py format), or models:/<name>/<version> or "
                             "models:/<name>@<alias> from the MLflow Model Registry (MLFLOW_TRACKING_URI)")
     model.add_argument("--shards", required=True, help="split folder holding manifest.json and the shards")
-    model.add_argument("--classes", default=None, help="classes.json exported with the model; default: the manifest's")
+    model.add_argument("--classes", default=None,
+                       help="a classes.json; default: the classes inside the model file, else the classes.json "
+                            "beside it, else the shard manifest's")
     model.add_argument("--metrics", nargs="+", choices=("pq", "ap", "miou"), default=["pq", "ap", "miou"])
     model.add_argument("--num-workers", type=int, default=1, help="Ray workers, each evaluating a part of the split")
     model.add_argument("--max-images", type=int, default=None, help="evaluate at most this many images")

@@ -301,11 +301,11 @@ def test_fsspec_url_is_fetched_into_the_cache(tmp_path):
     assert path.is_relative_to(tmp_path) and path.read_bytes() == body
 
 
-@pytest.mark.skipif(importlib.util.find_spec("s3fs") is not None,
-                    reason="s3fs is installed here (the project does not pin it), so the message cannot arise")
-def test_s3_without_s3fs_names_the_missing_package(tmp_path):
-    with pytest.raises(WeightsSourceError, match=r"^weights s3://bucket/w.pth: the s3fs package is not installed"):
-        resolve_weights("s3://bucket/w.pth", cache_dir=tmp_path)
+@pytest.mark.skipif(importlib.util.find_spec("gcsfs") is not None,
+                    reason="gcsfs is installed here (the project pins only s3fs), so the message cannot arise")
+def test_a_store_whose_package_is_missing_is_named(tmp_path):
+    with pytest.raises(WeightsSourceError, match=r"^weights gs://bucket/w.pth: the gcsfs package is not installed"):
+        resolve_weights("gs://bucket/w.pth", cache_dir=tmp_path)
 
 
 # ---- timm names through the Hugging Face hub machinery ----

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from model.backbones import build_backbone
-from model.checkpoint import load_model
+from model.checkpoint import load_model, read_classes
 from pipeline.job import main
 
 pytestmark = pytest.mark.slow  # the whole job: Ray preprocessing and a 2-worker Ray Train run
@@ -77,6 +77,7 @@ def test_mlflow_run_has_config_metrics_validation_and_model(finished_job):
     classes = json.loads((Path(local) / "classes.json").read_text())
     assert [c["name"] for c in classes][:2] == ["disc", "square"]
     model = load_model(Path(local) / "model.pt")  # plain PyTorch, no DeepSpeed
+    assert read_classes(Path(local) / "model.pt").to_json() == classes  # the model file carries its classes
     outputs = model(torch.rand(1, 3, 64, 64) * 255, ["panoptic"])
     assert outputs["pred_logits"].shape == (1, 32, len(classes) + 1)
 

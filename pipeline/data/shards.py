@@ -88,6 +88,17 @@ def file_checksum(fs, path: str) -> dict:
     return {"bytes": size, CHECKSUM_KEY: digest.hexdigest()}
 
 
+def verify_shard_bytes(data: bytes, path: str, entry: dict) -> None:
+    """verify_shard for a shard already read into memory (object storage: one read, checked, then streamed)."""
+    if len(data) != entry["bytes"]:
+        raise ShardError(f"shard {printable(path)} has {len(data)} bytes but the manifest says {entry['bytes']}")
+    if CHECKSUM_KEY in entry:
+        digest = new_checksum()
+        digest.update(data)
+        if digest.hexdigest() != entry[CHECKSUM_KEY]:
+            raise ShardError(f"shard {printable(path)} does not match its manifest checksum (damaged since written)")
+
+
 def verify_shard(fs, path: str, entry: dict) -> None:
     """Raise ShardError naming the file when it is absent, or its size or checksum is not the manifest's.
     Manifests written before checksums existed have none: only the size is checked then."""

@@ -23,6 +23,7 @@ epoch fails rather than waiting forever.
 
 from __future__ import annotations
 
+import io
 import logging
 import tarfile
 import time
@@ -52,6 +53,7 @@ from pipeline.data.shards import (
     printable,
     read_manifest,
     verify_shard,
+    verify_shard_bytes,
 )
 from pipeline.data.targets import describe_tasks, plan_targets, render_masks, task_thresholds_for_data
 
@@ -93,12 +95,26 @@ def split_shards(shards: list[str], part: int, num_parts: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- raw samples
-def _tar_samples(fs, path: str, url: str) -> Iterator[dict]:
+def _tar_samples(handle, url: str) -> Iterator[dict]:
     """One shard's members grouped into samples by WebDataset's own expander and grouper; any read error
     propagates (the caller counts what it cost)."""
-    with fs.open(path, "rb") as handle:
+    with handle:
         yield from wds.tariterators.group_by_keys(
             wds.tariterators.tar_file_expander([{"url": url, "stream": handle}]))
+
+
+def _checked_shard(fs, path: str, entry: dict, remote: bool):
+    """An open, checked shard: a remote one is read once into memory, checked and streamed from there (not
+    read twice, once for its checksum); a local one is checked on disk, then opened."""
+    if remote:
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError as error:
+            raise ShardError(f"shard {printable(path)} cannot be opened: {error}") from error
+        verify_shard_bytes(data, path, entry)
+        return io.BytesIO(data)
+    verify_shard(fs, path, entry)
+    return fs.open(path, "rb")
 
 
 @dataclass
@@ -266,18 +282,17 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
 
     def _shard_samples(self, url: str, entry: dict, offset: int, tally: SkipTally,
                        keep: Callable[[int], bool]) -> Iterator[dict]:
-        """The kept samples of one shard. A remote shard that matches its manifest but whose read breaks off (a
-        connection to object storage reset mid-file) is opened again, up to READ_ATTEMPTS times, and read on
-        after the samples already handed out; what is still missing then is counted."""
+        """The kept samples of one shard. A remote shard whose read breaks off (a connection to object storage
+        reset mid-file) is read again, up to READ_ATTEMPTS times, and streamed on after the samples already
+        handed out; a shard that does not match its manifest, or is still missing samples then, is counted."""
         expected, read = entry["num_samples"], 0
         reason = SKIP_BROKEN_TAR
         fs, path = fsspec.core.url_to_fs(url)
-        attempts = READ_ATTEMPTS if is_remote(url) else 1  # a local file that breaks off stays broken
+        remote = is_remote(url)
+        attempts = READ_ATTEMPTS if remote else 1  # a local file that breaks off stays broken
         for attempt in range(1, attempts + 1):
             try:
-                if attempt == 1:
-                    verify_shard(fs, path, entry)
-                for index, sample in enumerate(_tar_samples(fs, path, url)):
+                for index, sample in enumerate(_tar_samples(_checked_shard(fs, path, entry, remote), url)):
                     if index < read:  # handed out before an earlier attempt broke off
                         continue
                     if keep(offset + read):
