@@ -190,6 +190,9 @@ def resolve_resume_source(job, tracking_uri: str) -> ResumeSource:
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
+    from pipeline.tracking import limit_http_retries
+
+    limit_http_retries()  # an unreachable server fails the resolution in seconds, not minutes
     return MlflowClient(tracking_uri)
 
 

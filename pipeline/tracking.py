@@ -22,6 +22,12 @@ HTTP_RETRY_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQU
                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
+def limit_http_retries() -> None:
+    """MLflow's short HTTP retries (HTTP_RETRY_DEFAULTS) unless the environment sets its own."""
+    for name, value in HTTP_RETRY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def resolve_tracking_uri(job: JobConfig) -> str:
     """MLFLOW_TRACKING_URI in the environment wins over the job file, as MLflow users expect."""
     return os.environ.get("MLFLOW_TRACKING_URI") or job.tracking.tracking_uri
@@ -55,8 +61,7 @@ class RunTracker:
 
     def __init__(self, job: JobConfig, tracking_uri: str, run_id: str | None = None, retry_interval_s: float = 30.0,
                  tags: dict[str, str] | None = None, parent_run_id: str | None = None):
-        for name, value in HTTP_RETRY_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+        limit_http_retries()
         import mlflow
 
         self._mlflow = mlflow
