@@ -143,13 +143,21 @@ def _print_results(job: JobConfig, result, already_complete: bool = False) -> No
     print(f"MLflow: {resolve_tracking_uri(job)} (experiment {job.tracking.experiment})")
     run_id = metrics.get("mlflow_run_id")
     if run_id:
-        print(f"pictures: {_artifact_uri(job, run_id)}/pictures/ (run {run_id})")
+        run = _finished_run(job, run_id)
+        if isinstance(run, str):
+            print(f"pictures: {run} (run {run_id})")
+            return
+        print(f"pictures: {run.info.artifact_uri}/pictures/ (run {run_id})")
+        registered = run.data.tags.get("registered_models")
+        if registered:
+            print(f"registered: {registered} (python -m pipeline.evaluate model --checkpoint models:/NAME/VERSION ...)")
 
 
-def _artifact_uri(job: JobConfig, run_id: str) -> str:
+def _finished_run(job: JobConfig, run_id: str):
+    """The MLflow run, or a line saying why it cannot be read."""
     import mlflow
 
     try:
-        return mlflow.MlflowClient(resolve_tracking_uri(job)).get_run(run_id).info.artifact_uri
+        return mlflow.MlflowClient(resolve_tracking_uri(job)).get_run(run_id)
     except Exception as error:  # noqa: BLE001 - the run is done; a tracking server gone by now costs only this line
         return f"<MLflow unreachable: {error}>"

@@ -123,6 +123,8 @@ def test_driver_prints_the_results_the_model_and_where_the_pictures_are(finished
     assert Path(model.group(1)).is_file() and Path(model.group(2)).is_file()
     pictures = Path(re.search(r"^pictures: file://(\S+) \(run \w+\)$", printed, re.M).group(1))
     assert sorted(folder.name for folder in pictures.iterdir()) == ["step_0000002", "step_0000004"]
+    assert re.search(r"^registered: demo_cpu v1 \(final, best\)|^registered: demo_cpu v1 \(best\); demo_cpu v2 "
+                     r"\(final\)", printed, re.M), printed[-2000:]
 
 
 def test_running_a_finished_job_again_says_so_and_changes_nothing(finished_job):
