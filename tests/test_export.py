@@ -204,8 +204,8 @@ def test_onnx_runtime_refuses_an_unpadded_size_with_a_message(tiny):
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("ONEFORMER_REAL_SIZE_EXPORT") != "1",
-    reason="real-size export parity: about 9 minutes, and it leaves some 4 GB resident in the test process, "
-    "which then starves the DiNAT-L recipe smoke run of this 23.5 GB machine; run it alone with "
+    reason="real-size export parity: about 8 minutes, and it leaves some 4 GB resident in the test process, "
+    "which starves the real-size recipe smoke runs of this 23.5 GB machine; run it alone with "
     "ONEFORMER_REAL_SIZE_EXPORT=1 pytest tests/test_export.py -k swin_l",
 )
 def test_swin_l_exports_equal_eager_at_small_inputs(tmp_path):

@@ -75,7 +75,7 @@ def file_state(path: str) -> list | None:
 def _listing(folder: str) -> dict[str, list]:
     fs, location = _fs(folder)
     try:
-        entries = fs.ls(location, detail=True)
+        entries = fs.ls(location, detail=True, refresh=True)  # past fsspec's own listing cache: this one is ours
     except OSError:
         return {}
     return {entry["name"].rstrip("/").rsplit("/", 1)[-1]:
@@ -86,11 +86,6 @@ def _listing(folder: str) -> dict[str, list]:
 def forget_listings() -> None:
     """Drop the cached folder listings (a new preprocessing run must see files changed since)."""
     _listing.cache_clear()
-    for protocol in ("s3", "gs", "gcs", "az", "abfs"):  # fsspec's own listing caches of remote filesystems
-        try:
-            fsspec.filesystem(protocol).invalidate_cache()
-        except (ImportError, ValueError):
-            pass
 
 
 @functools.cache
