@@ -269,7 +269,11 @@ class TrackingSettings(_Section):
 class ScalingSettings(_Section):
     """Ray Train scaling and storage."""
 
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (one per GPU on a GPU cluster).")
+    num_workers: int | tuple[int, int] = Field(
+        1, description="Ray Train workers (one per GPU on a GPU cluster), or [min, max] for elastic training: the "
+                       "run starts with what it can get, at least min, and resizes on failures and when nodes come "
+                       "back; the global batch is kept (JobConfig.batch_layout) and the checkpoint and the data "
+                       "stream resume on any size.")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (data loading runs there too).")
     ray_address: str | None = Field(None, description="None: local Ray or the cluster a submitted job runs in.")
@@ -278,6 +282,22 @@ class ScalingSettings(_Section):
     runtime_env: dict[str, Any] = Field(
         default_factory=dict, description="Ray runtime environment of the training workers (RunConfig's "
                                           "worker_runtime_env), e.g. {env_vars: {AWS_ENDPOINT_URL: ...}}.")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers_are_positive(cls, value: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = (value, value) if isinstance(value, int) else value
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers must be >= 1 or [min, max] with 1 <= min <= max, got {value}")
+        return value
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def is_elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple) and self.num_workers[0] != self.num_workers[1]
 
 
 class EvaluationSettings(_Section):
@@ -307,6 +327,29 @@ class EvaluationSettings(_Section):
         if isinstance(self.test_size, tuple) and not 0 < self.test_size[0] <= self.test_size[1]:
             raise ValueError(f"test_size must be [short side, max size] with 0 < short <= max, got {list(self.test_size)}")
         return self
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How a step's global batch is made on a number of workers (JobConfig.batch_layout)."""
+
+    world_size: int
+    micro_batch: int
+    accumulation: int
+    global_batch: int
+    recipe_global_batch: int
+
+    @property
+    def exact(self) -> bool:
+        return self.global_batch == self.recipe_global_batch
+
+    def describe(self) -> str:
+        made = (f"{self.world_size} worker(s) x {self.micro_batch} image(s) x {self.accumulation} accumulation "
+                f"step(s) = {self.global_batch} images per step")
+        if self.exact:
+            return made
+        return (f"{made}, not the recipe's {self.recipe_global_batch} (training.global_batch_size does not divide "
+                f"over {self.world_size} workers)")
 
 
 class JobConfig(_Section):
@@ -361,13 +404,35 @@ class JobConfig(_Section):
         """The shard folder an evaluate job reads (split folders inside)."""
         return self.evaluation.shards or self.shards_root()
 
+    def batch_layout(self, world_size: int) -> BatchLayout:
+        """Per-worker micro-batch and accumulation that keep training.global_batch_size on `world_size` workers,
+        with micro-batches of at most stream.batch_size (what a worker's memory was sized for); where the global
+        batch does not divide over the workers, each takes the nearest whole number of images (`exact` False)."""
+        per_worker = max(1, round(self.training.global_batch_size / world_size))
+        accumulation = -(-per_worker // self.stream.batch_size)
+        while per_worker % accumulation:
+            accumulation += 1
+        return BatchLayout(world_size, per_worker // accumulation, accumulation, per_worker * world_size,
+                           self.training.global_batch_size)
+
+    def at_world_size(self, world_size: int) -> JobConfig:
+        """This job as it runs on `world_size` workers: batch_layout's micro-batch and accumulation."""
+        layout = self.batch_layout(world_size)
+        job = self.model_copy(deep=True)
+        job.scaling.num_workers = world_size
+        job.stream.batch_size, job.training.gradient_accumulation_steps = layout.micro_batch, layout.accumulation
+        job.training.global_batch_size = layout.global_batch
+        return job
+
     def _check_training_layout(self) -> None:
-        per_step = self.scaling.num_workers * self.stream.batch_size * self.training.gradient_accumulation_steps
+        workers = self.scaling.max_workers
+        per_step = workers * self.stream.batch_size * self.training.gradient_accumulation_steps
         if self.training.global_batch_size != per_step:
             raise ValueError(
                 f"training.global_batch_size ({self.training.global_batch_size}) must equal scaling.num_workers "
-                f"({self.scaling.num_workers}) x stream.batch_size ({self.stream.batch_size}) x "
-                f"training.gradient_accumulation_steps ({self.training.gradient_accumulation_steps}) = {per_step}"
+                f"({workers}{' at most' if self.scaling.is_elastic else ''}) x stream.batch_size "
+                f"({self.stream.batch_size}) x training.gradient_accumulation_steps "
+                f"({self.training.gradient_accumulation_steps}) = {per_step}"
             )
         config = self.model.oneformer_config()
         expected_classes = self.data.expected_num_classes

@@ -5,7 +5,13 @@ handling of the official recipe, and the optional full-model clip."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
+import filelock
 import torch
 from torch import nn
 
@@ -76,7 +82,8 @@ def _sanitise_gradient(gradient: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(gradient, nan=0.0, posinf=1e5, neginf=-1e5)
 
 
-def deepspeed_config(job: JobConfig) -> dict:
+def deepspeed_config(job: JobConfig, load_universal: bool = False) -> dict:
+    """`load_universal`: the engine will load a checkpoint in DeepSpeed's universal form (a resized run)."""
     micro_batch = job.stream.batch_size
     config = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -88,6 +95,8 @@ def deepspeed_config(job: JobConfig) -> dict:
         "steps_per_print": 10**9,  # our own logging reports progress
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if job.deepspeed.precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif job.deepspeed.precision == "fp16":
@@ -106,7 +115,7 @@ def _merged(base: dict, extra: dict) -> dict:
     return merged
 
 
-def wrap_with_deepspeed(model: nn.Module, job: JobConfig):
+def wrap_with_deepspeed(model: nn.Module, job: JobConfig, load_universal: bool = False):
     """DeepSpeed engine with AdamW and the schedule of the job; returns (engine, scheduler)."""
     import deepspeed
 
@@ -118,7 +127,7 @@ def wrap_with_deepspeed(model: nn.Module, job: JobConfig):
     optimizer = torch.optim.AdamW(groups, lr=job.training.learning_rate, betas=(0.9, 0.999))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(step, job))
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job)
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(job, load_universal)
     )
     return engine, scheduler
 
@@ -133,3 +142,79 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=gathered):
         return {name: tensor.detach().float().cpu().clone() if tensor.is_floating_point() else tensor.detach().cpu().clone()
                 for name, tensor in module.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------ resizing
+def checkpoint_client_state() -> dict:
+    """What every checkpoint carries so that DeepSpeed's universal conversion accepts it."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
+def has_partitioned_optimizer(folder: str, tag: str) -> bool:
+    """Whether the optimizer state of a DeepSpeed checkpoint is split by rank (ZeRO 1-3, bf16): then only the
+    universal format loads it on another world size (stage 0 keeps it whole in the model states file)."""
+    return any(Path(folder, tag).glob("*zero_pp_rank_*optim_states.pt"))
+
+
+def load_resized(engine, folder: str, tag: str, key: str) -> None:
+    """Load into `engine` (built with load_universal) a checkpoint written on another world size, through
+    DeepSpeed's universal form of it (deepspeed.checkpoint.ds_to_universal): made once per node in the temporary
+    folder by whichever rank gets there first (`key` names the checkpoint's content) and removed when every
+    rank has loaded it."""
+    import torch.distributed as dist
+
+    group_names = [group["name"] for group in _torch_optimizer(engine).param_groups]
+    root = Path(tempfile.gettempdir()) / "oneformer_universal" / key
+    root.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(root) + ".lock"):
+        made_here = not (root / "complete").exists()
+        if made_here:
+            _convert_to_universal(Path(folder, tag), root / tag)
+            (root / "complete").touch()
+    try:
+        engine.load_checkpoint(str(root), tag=tag)
+        _repair_zero3_universal_load(engine, root / tag, group_names)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()  # every rank has read it
+        if made_here:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _torch_optimizer(engine) -> torch.optim.Optimizer:
+    optimizer = engine.optimizer
+    return optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer.optimizer
+
+
+def _convert_to_universal(source: Path, destination: Path) -> None:
+    shutil.rmtree(destination, ignore_errors=True)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+               "--output_folder", str(destination), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"DeepSpeed's universal conversion of {source} failed: {done.stderr.strip()[-2000:]}")
+
+
+def _repair_zero3_universal_load(engine, universal: Path, group_names: list[str]) -> None:
+    """Two gaps of DeepSpeed's (0.19.8) ZeRO-3 universal load: it gives every parameter group the
+    hyperparameters of the first saved group (weight decay, lr, initial lr), and one step-count tensor to the
+    optimizer states of all groups, which torch's AdamW then advances once per group and step (a wrong bias
+    correction). Put back each group's own hyperparameters, matched by our group names, and its own step."""
+    from deepspeed.checkpoint.constants import OPTIMIZER_STATE_DICT
+
+    if engine.zero_optimization_stage() != 3:
+        return
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu",
+                       weights_only=False)[OPTIMIZER_STATE_DICT]["param_groups"]
+    by_name = {group["name"]: group for group in saved}
+    for name, group in zip(group_names, _torch_optimizer(engine).param_groups, strict=True):
+        group.update({key: value for key, value in by_name[name].items() if key != "params"})
+    for state in _torch_optimizer(engine).state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

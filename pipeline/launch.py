@@ -81,8 +81,7 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None, start_f
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
                            "run_tags": {**ray_job_tags(), **(run_tags or {})}, "start_from": start_from or resolve_start(job)},
-        scaling_config=ScalingConfig(num_workers=job.scaling.num_workers, use_gpu=job.scaling.use_gpu,
-                                     resources_per_worker={"CPU": job.scaling.cpus_per_worker}),
+        scaling_config=scaling_config(job),
         run_config=RunConfig(
             name=job.name, storage_path=job.scaling.storage_path, worker_runtime_env=job.scaling.runtime_env or None,
             failure_config=FailureConfig(max_failures=job.scaling.max_failures),
@@ -92,6 +91,14 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None, start_f
     result = trainer.fit()
     _print_results(job, result)
     return result
+
+
+def scaling_config(job: JobConfig) -> ScalingConfig:
+    """Ray Train's scaling: a fixed worker count, or (min, max) for Ray Train's elastic training, which starts
+    with the workers it can place and restarts the group at another size from the latest checkpoint."""
+    workers = job.scaling.num_workers
+    return ScalingConfig(num_workers=tuple(workers) if job.scaling.is_elastic else job.scaling.max_workers,
+                         use_gpu=job.scaling.use_gpu, resources_per_worker={"CPU": job.scaling.cpus_per_worker})
 
 
 def resolve_start(job: JobConfig) -> dict | None:

@@ -36,8 +36,10 @@ FORKED_FROM_TAG = "forked_from"
 TRAINER_STATE_FILE = "trainer_rank{rank}.pt"
 _RUN_REFERENCE = re.compile(r"^runs:/([0-9a-f]{32})(?:@step=(\d+))?$")
 # What may differ between the job that wrote a checkpoint and one that continues its run: where and how the run
-# executes and is tracked, and how long it lasts. Any other difference is a changed recipe, which forks.
+# executes and is tracked (the worker count and per-worker batch: the global batch is the recipe's), and how long
+# it lasts. Any other difference is a changed recipe, which forks.
 NOT_RECIPE = ("name", "synthetic_dataset", "data.root", "data.paths", "preprocess", "stream.shards", "tracking",
+              "scaling.num_workers", "stream.batch_size", "stream.loader_workers", "training.gradient_accumulation_steps",
               "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.ray_address", "scaling.storage_path",
               "scaling.max_failures", "scaling.runtime_env", "evaluation.checkpoint", "evaluation.shards",
               "evaluation.output", "evaluation.num_workers", "training.max_steps", "training.resume_from",
@@ -179,10 +181,6 @@ def resolve_resume_source(job, tracking_uri: str) -> ResumeSource:
     if run_id is None and state["run_id"] is not None:
         run_id = state["run_id"]
         latest = _latest_step(client, run_id, reference)
-    if state["world_size"] != job.scaling.num_workers:
-        raise ResumeError(f"training.resume_from: {reference}: the checkpoint was written by {state['world_size']} "
-                          f"workers and this job has {job.scaling.num_workers} (scaling.num_workers); resuming on "
-                          "another world size is not supported yet")
     mode, reason = _continue_or_fork(job, client, run_id, state["step"], latest)
     return ResumeSource(reference, uri, state["step"], state["world_size"], run_id, mode, reason)
 

@@ -10,6 +10,7 @@ repeating or skipping samples. Rank 0 logs to MLflow.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -36,12 +37,19 @@ from pipeline.config import JobConfig, local_weights
 from pipeline.data.readers import ClassInfo
 from pipeline.data.shards import manifest_classes, read_manifest
 from pipeline.data.stream import ModelInputs, build_eval_loader, build_train_loader
-from pipeline.distributed import full_state_dict, wrap_with_deepspeed
+from pipeline.distributed import (
+    checkpoint_client_state,
+    full_state_dict,
+    has_partitioned_optimizer,
+    load_resized,
+    wrap_with_deepspeed,
+)
 from pipeline.evaluation.report import save_pictures
 from pipeline.evaluation.runner import EvaluationOptions, evaluate, merge_parts, split_quota
 from pipeline.registry import ExportedModel, register_exported_models
 from pipeline.tracked_checkpoints import (
     FORKED_FROM_TAG,
+    TRAINER_STATE_FILE,
     CheckpointLedger,
     CheckpointRecord,
     checkpoint_dir_name,
@@ -123,22 +131,27 @@ class Trainer:
     def __init__(self, job: JobConfig, context: TrainContext):
         self.job, self.context = job, context
         self.rank, self.world_size = context.rank, context.world_size
+        self.batch_layout = job.batch_layout(self.world_size)
+        self.sized = job.at_world_size(self.world_size)  # the per-worker batch and accumulation of this size
         torch.manual_seed(job.training.seed)
         self.classes = read_classes(job)
         self.model_config = job.model.oneformer_config(self.classes.num_classes)
         model, initialised = build_training_model(job, self.model_config)
         self.losses = LossConfig()
         self.criterion = self.losses.build_criterion(self.classes.num_classes)
-        self.engine, self.scheduler = wrap_with_deepspeed(model, job)
+        saved = _trainer_states(context.resume_from) if context.resume_from is not None else []
+        self.resized_from = len(saved) if saved and len(saved) != self.world_size else None
+        universal = self.resized_from is not None and has_partitioned_optimizer(context.resume_from, CHECKPOINT_TAG)
+        self.engine, self.scheduler = wrap_with_deepspeed(model, self.sized, load_universal=universal)
         self.inputs = ModelInputs.from_config(self.model_config)
-        self.loader = build_train_loader(job.stream, self.inputs, job.split_shards(job.data.train_split),
+        self.loader = build_train_loader(self.sized.stream, self.inputs, job.split_shards(job.data.train_split),
                                          self.rank, self.world_size)
         self.evaluation_model: OneFormer | None = None  # built at the first validation, then only refreshed
-        self.step = 0
+        self.step = self.images_seen = 0
         self.best: dict | None = None  # step and validation metrics of the best PQ so far (rank 0)
         self.run_id: str | None = None
-        if context.resume_from is not None:
-            self.load_checkpoint(context.resume_from)
+        if saved:
+            self.load_checkpoint(context.resume_from, saved, universal)
         if context.fork_from is not None:  # the step, weights and stream go on; the run and its best start anew
             self.run_id, self.best = None, None
         self.tracker: RunTracker | None = None
@@ -162,6 +175,20 @@ class Trainer:
                         "cluster": context.run_tags.get("ray_cluster"), "storage": self.job_folder,
                         "from_step": self.step}
         self.tracker.set_tags(job_contribution_tags(existing, contribution))
+        self._record_world_size()
+
+    def _record_world_size(self) -> None:
+        """The worker count and batch layout from this step on (metrics world_size and global_batch), and a
+        resize as a tag resize.step_NNNNNNN; a global batch other than the recipe's is said here too."""
+        layout = self.batch_layout
+        self.tracker.log_metrics({"world_size": self.world_size, "global_batch": layout.global_batch}, self.step)
+        tags = {"batch_layout": layout.describe()}
+        if self.resized_from is not None:
+            tags[f"resize.step_{self.step:07d}"] = f"{self.resized_from} -> {self.world_size} workers: {layout.describe()}"
+            log.info("resized from %d to %d workers at step %d", self.resized_from, self.world_size, self.step)
+        if not layout.exact:
+            log.warning("the global batch changes: %s", layout.describe())
+        self.tracker.set_tags(tags)
 
     @property
     def job_folder(self) -> str:
@@ -204,7 +231,7 @@ class Trainer:
         if self.finished:  # the driver normally says so first (launch.completed_run); the run stays as it is
             log.info("rank %d: the run already reached step %d of %d", self.rank, self.step, self.job.training.max_steps)
             return
-        accumulation = self.job.training.gradient_accumulation_steps
+        accumulation = self.sized.training.gradient_accumulation_steps
         window = _ThroughputWindow()
         batches = iter(self.loader)
         metrics: dict[str, float] = {}
@@ -217,6 +244,7 @@ class Trainer:
                 step_terms = self.train_step(batch)
                 window.images += len(batch["tasks"])
             self.step += 1
+            self.images_seen += self.batch_layout.global_batch
             metrics = {name: value.item() for name, value in step_terms.items()} if self._is_reporting_step() else {}
             if self.step % self.job.training.log_every == 0 or self.step == 1:
                 self._log(metrics, window)
@@ -390,22 +418,32 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """This worker's state beside the DeepSpeed engine's: step, stream position, RNG states, run, best."""
-        return {"step": self.step, "loader": self.loader.state_dict(), "rng": _rng_state(), "run_id": self.run_id,
-                "best": self.best}
+        return {"step": self.step, "images_seen": self.images_seen, "loader": self.loader.state_dict(),
+                "rng": _rng_state(), "run_id": self.run_id, "best": self.best}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.best, self.run_id = state["step"], state["best"], state["run_id"]
-        self.loader.load_state_dict(state["loader"])
-        _set_rng_state(state["rng"])
+    def load_state_dicts(self, states: list[dict]) -> None:
+        """The states of every rank of a checkpoint (rank order), written on this world size or another: the
+        stream resumes by global sample position (ResumableLoader.resume); step, run and best are rank 0's."""
+        first, own = states[0], states[self.rank] if self.rank < len(states) else states[0]
+        self.step, self.best, self.run_id = first["step"], first["best"], first["run_id"]
+        self.images_seen = first.get("images_seen", self.step * self.job.training.global_batch_size)
+        self.loader.resume([state["loader"] for state in states])
+        _set_rng_state(own["rng"])
 
     def save_checkpoint(self, folder: str) -> None:
-        self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG)
-        torch.save(self.state_dict(), Path(folder) / f"trainer_rank{self.rank}.pt")
+        self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state=checkpoint_client_state())
+        torch.save(self.state_dict(), Path(folder) / TRAINER_STATE_FILE.format(rank=self.rank))
 
-    def load_checkpoint(self, folder: str) -> None:
-        self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
-        self.load_state_dict(torch.load(Path(folder) / f"trainer_rank{self.rank}.pt", weights_only=False))
-        log.info("rank %d resumed at step %d", self.rank, self.step)
+    def load_checkpoint(self, folder: str, states: list[dict], universal: bool) -> None:
+        """`states`: _trainer_states(folder); `universal`: the optimizer state is partitioned for another world
+        size, so it is loaded through DeepSpeed's universal checkpoint (pipeline/distributed.py)."""
+        if universal:
+            load_resized(self.engine, folder, CHECKPOINT_TAG, f"step_{self.step}_{_content_key(folder)}")
+        else:
+            self.engine.load_checkpoint(folder, tag=CHECKPOINT_TAG)
+        self.load_state_dicts(states)
+        resized = f" (written by {self.resized_from} workers)" if self.resized_from else ""
+        log.info("rank %d resumed at step %d%s", self.rank, self.step, resized)
 
     def _checkpoint(self, metrics: dict) -> None:
         """Write this rank's part of the checkpoint and hand it to the launcher, which stores it as
@@ -418,7 +456,7 @@ class Trainer:
             record = CheckpointRecord(
                 step=self.step, uri=f"{self.job_folder}/{name}", world_size=self.world_size,
                 zero_stage=self.job.deepspeed.zero_stage, job=self.job.name,
-                data_position={"images_seen": self.step * self.job.training.global_batch_size,
+                data_position={"images_seen": self.images_seen,
                                "rank0_stream": self.loader.state_dict()["positions"]},
                 metrics={key: value for key, value in metrics.items() if isinstance(value, int | float) and key != "step"})
             is_best = self.best is not None and self.best["step"] == self.step
@@ -439,6 +477,20 @@ def _fetched(location: str) -> list[Path]:
     for remote in fs.ls(path, detail=False):
         fs.get_file(remote, str(folder / Path(remote).name))
     return sorted(folder.iterdir())
+
+
+def _trainer_states(folder: str) -> list[dict]:
+    """Every rank's Trainer.state_dict() in a checkpoint folder, in rank order."""
+    files = {int(file.stem.removeprefix("trainer_rank")): file
+             for file in Path(folder).glob(TRAINER_STATE_FILE.format(rank="*"))}
+    if sorted(files) != list(range(len(files))) or not files:
+        raise FileNotFoundError(f"{folder}: the checkpoint lacks ranks' trainer states (found ranks {sorted(files)})")
+    return [torch.load(files[rank], weights_only=False) for rank in range(len(files))]
+
+
+def _content_key(folder: str) -> str:
+    """A name for a checkpoint's content, the same on every node (local copies differ in path)."""
+    return hashlib.sha256(Path(folder, TRAINER_STATE_FILE.format(rank=0)).read_bytes()).hexdigest()[:16]
 
 
 def _max_rss_gb() -> float:

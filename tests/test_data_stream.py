@@ -254,3 +254,87 @@ def test_fused_jitter_equals_the_official_step_order(plan):
     if not plan.contrast_first and plan.contrast is not None:
         want = _float_convert(want, alpha=plan.contrast)
     assert np.array_equal(apply_jitter(Image.fromarray(hwc), plan), want)
+
+
+# ---------------------------------------------------------------------------------------------- resizing
+def _rank_loaders(folder, world_size, loader_workers, batch_size, states=None):
+    loaders = [_train_loader(_settings(loader_workers=loader_workers, batch_size=batch_size), folder, rank, world_size)
+               for rank in range(world_size)]
+    for loader in loaders:
+        if states is not None:
+            loader.resume(states)
+    return loaders
+
+
+def _steps(loaders, count):
+    """`count` synchronous steps: every rank takes one batch per step; returns each step's batches."""
+    iterators = [iter(loader) for loader in loaders]
+    return [[next(iterator) for iterator in iterators] for _ in range(count)]
+
+
+def _seen(steps) -> list[tuple[int, str]]:
+    return [(epoch, image_id) for step in steps for batch in step
+            for epoch, image_id in zip(batch["epochs"], batch["image_ids"])]
+
+
+# (world size, loader workers, per-rank batch) of each layout in turn; the first stops after 3 steps, the
+# next after 2 more, the last runs on until every part has finished epoch 1.
+LAYOUT_CHAINS = [
+    [(2, 0, 2), (1, 0, 4)],
+    [(1, 0, 4), (2, 0, 2)],
+    [(2, 2, 1), (3, 1, 1)],
+    [(3, 0, 1), (1, 2, 3)],
+    [(2, 1, 2), (1, 0, 4), (4, 2, 1)],  # two resizes inside one epoch
+]
+
+
+@pytest.mark.parametrize("layout", ["many", "one"])
+@pytest.mark.parametrize("chain", LAYOUT_CHAINS, ids=lambda chain: "-".join(f"{w}x{n}" for w, n, _ in chain))
+def test_resized_stream_reads_every_sample_of_an_epoch_once(shards, layout, chain):
+    folder = str(shards / layout / "train")
+    seen, states = [], None
+    for number, (world_size, loader_workers, batch_size) in enumerate(chain):
+        loaders = _rank_loaders(folder, world_size, loader_workers, batch_size, states)
+        last = number == len(chain) - 1
+        steps = _steps(loaders, 40 if last else 3 if number == 0 else 2)
+        seen += _seen(steps)
+        states = [loader.state_dict() for loader in loaders]
+    assert min(epoch for state in states for epoch, _ in state["positions"].values()) >= 2  # epochs 0, 1 done
+    for epoch in (0, 1):
+        ids = [image_id for seen_epoch, image_id in seen if seen_epoch == epoch]
+        assert len(ids) == NUM_TRAIN and len(set(ids)) == NUM_TRAIN, f"epoch {epoch}: {sorted(ids)}"
+    later = [(epoch, image_id) for epoch, image_id in seen if epoch >= 2]
+    assert len(later) == len(set(later))
+
+
+@pytest.mark.parametrize("before,after", [((2, 2), (1, 4)), ((1, 4), (2, 2))])
+def test_resized_stream_keeps_the_global_batches_within_the_epoch(shards, before, after):
+    """Without loader workers, what the old layout left is dealt in its batches: a step's global batch after
+    the resize holds the images (and augmentations) the old layout's step would have had."""
+    folder = str(shards / "many" / "train")
+    reference = _steps(_rank_loaders(folder, before[0], 0, before[1]), 4)
+    interrupted = _rank_loaders(folder, before[0], 0, before[1])
+    _steps(interrupted, 1)
+    resized = _steps(_rank_loaders(folder, after[0], 0, after[1], [loader.state_dict() for loader in interrupted]), 3)
+    within_epoch = [(want, got) for want, got in zip(reference[1:], resized)
+                    if all(epoch == 0 for batch in want for epoch in batch["epochs"])]
+    assert within_epoch  # the shards' sizes leave at least one whole step of epoch 0 after the resize
+    for want, got in within_epoch:
+        assert [i for batch in want for i in batch["image_ids"]] == [i for batch in got for i in batch["image_ids"]]
+        want_images, got_images = (torch.cat([batch["images"] for batch in step]) for step in (want, got))
+        assert torch.equal(want_images, got_images)
+
+
+def test_resize_keeps_the_skip_counts_and_refuses_another_seed(shards):
+    folder = str(shards / "many" / "train")
+    old = _rank_loaders(folder, 2, 0, 2)
+    _steps(old, 1)
+    states = [loader.state_dict() for loader in old]
+    states[1]["skip_reasons"] = {"1": {"undecodable sample": 2}}
+    new = _rank_loaders(folder, 1, 0, 4, states)
+    assert new[0].skip_reasons == {"undecodable sample": 2}
+    assert new[0].state_dict()["carried_skip_reasons"] == {"undecodable sample": 2}
+    with pytest.raises(ValueError, match="stream.seed 7 but this job has 8"):
+        _train_loader(_settings(seed=8, loader_workers=0), folder).resume(states)
+    with pytest.raises(ValueError, match="stream states of 1 ranks but was written by 2"):
+        _train_loader(_settings(loader_workers=0, batch_size=4), folder).resume(states[:1])

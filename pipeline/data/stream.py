@@ -24,6 +24,7 @@ epoch fails rather than waiting forever.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import tarfile
 import time
@@ -125,15 +126,23 @@ class SkipTally:
     reasons: dict[str, int] = field(default_factory=dict)
     on_error: str = "skip"
     counting: bool = True
+    parent: SkipTally | None = None
 
     @property
     def total(self) -> int:
         return sum(self.reasons.values())
 
+    def gate(self) -> SkipTally:
+        """A tally that adds to this one while its own `counting` is on (an inherited remainder's replay)."""
+        return SkipTally(on_error=self.on_error, parent=self)
+
     def add(self, reason: str, count: int, detail: str) -> None:
         if self.on_error == "fail":
             raise ShardError(f"{detail} (stream.on_error is 'fail'; 'skip' leaves such samples out, counted)")
         if count <= 0 or not self.counting:
+            return
+        if self.parent is not None:
+            self.parent.add(reason, count, detail)
             return
         self.reasons[reason] = self.reasons.get(reason, 0) + count
         log.warning("skipping %d sample(s), %s: %s (%d skipped so far)", count, reason, detail, self.total)
@@ -187,6 +196,60 @@ class StreamPosition:
     index: int = 0
 
 
+@dataclass(frozen=True)
+class Generation:
+    """An earlier layout of the training stream (its number of parts and per-part batch size) and where each of
+    its parts stopped. A stream whose layout changed (a resized worker group) first reads what the earlier
+    layouts left of the epochs they had begun, so no sample of an epoch is read twice or left out."""
+
+    num_parts: int
+    batch_size: int
+    positions: dict[int, StreamPosition]
+    """Every part's position: the parts that never handed out a batch stand where their generation began."""
+
+    def consumed(self, part: int, epoch: int) -> int | None:
+        """Raw samples of `epoch` that `part` handed out: None for all of them."""
+        position = self.positions[part]
+        if position.epoch > epoch:
+            return None
+        return position.index if position.epoch == epoch else 0
+
+    @property
+    def last_begun_epoch(self) -> int:
+        return max(p.epoch if p.index else p.epoch - 1 for p in self.positions.values())
+
+    @property
+    def first_open_epoch(self) -> int:
+        return min(p.epoch for p in self.positions.values())
+
+    def to_json(self) -> dict:
+        return {"num_parts": self.num_parts, "batch_size": self.batch_size,
+                "positions": {str(part): [p.epoch, p.index] for part, p in sorted(self.positions.items())}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Generation:
+        return cls(data["num_parts"], data["batch_size"],
+                   {int(part): StreamPosition(*p) for part, p in data["positions"].items()})
+
+
+def _dealt(sources: list[Iterator], chunk: int) -> Iterator:
+    """The sources' items dealt round robin, `chunk` at a time, until every source is empty."""
+    active = list(sources)
+    while active:
+        for source in list(active):
+            taken = list(itertools.islice(source, chunk))
+            yield from taken
+            if len(taken) < chunk:
+                active.remove(source)
+
+
+def _every_nth_chunk(source: Iterator, chunk: int, count: int, index: int) -> Iterator:
+    """Chunk number index, index + count, ... of the source (chunks of `chunk` items)."""
+    for position, item in enumerate(source):
+        if (position // chunk) % count == index:
+            yield item
+
+
 @dataclass
 class _WorkerCursor:
     epoch: int
@@ -201,7 +264,7 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
     """Batches of training (or evaluation) samples from a split's shards; see the module docstring.
 
     Training batches: images float32 [B, 3, H, W] (0-255, padded), tasks list[str], targets list of
-    {"labels" int64 [T], "masks" bool [T, H, W]}, text_tokens int64 [B, num_text_slots, 77], image_ids,
+    {"labels" int64 [T], "masks" bool [T, H, W]}, text_tokens int64 [B, num_text_slots, 77], image_ids, epochs (of each sample),
     image_sizes (valid h, w after augmentation) and position (worker, epoch, index, skipped, skip_reasons).
     Evaluation batches (`training=False`): no augmentation, original sizes, no task targets; instead
     index_maps (int64 [h, w], 0 = void) and segment tables for scoring. A pass that ends with skips no batch
@@ -252,6 +315,8 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         self.repeat = training if repeat is None else repeat
         self.resume_positions: dict[int, StreamPosition] = {}
         self.resume_skips: dict[int, dict[str, int]] = {}
+        self.history: list[Generation] = []
+        """The earlier layouts of this stream, oldest first (ResumableLoader.resume after a resize)."""
         self._tokens: TextTokenTable | None = None
 
     # ---- the per-worker raw stream
@@ -269,6 +334,44 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         else:  # fewer shards than workers: every worker reads all, keeps every num_parts-th sample
             samples = self._read_shards(shards, tally, lambda position: position % num_parts == part)
         return _shuffled(samples, self.shuffle_buffer, np.random.default_rng([self.seed, epoch, part, 2]))
+
+    def _part_raw(self, generation: int, epoch: int, part: int, num_parts: int, batch_size: int,
+                  tally: SkipTally) -> Iterator[dict]:
+        """One part's raw samples of an epoch in layout `generation` (len(history): the current one): its own
+        share of the epoch, or for an epoch an earlier layout had begun, its share of what that layout left."""
+        if epoch > self._last_inherited_epoch(generation):
+            return self._epoch_raw(epoch, part, num_parts, tally)
+        previous = self.history[generation - 1]
+        if num_parts <= previous.num_parts:  # fewer parts: each takes whole parts, dealt in their batches
+            sources = [self._remainder(generation - 1, epoch, old, tally, counts=True)
+                       for old in range(part, previous.num_parts, num_parts)]
+            return _dealt(sources, previous.batch_size)
+        sharing = range(part % previous.num_parts, num_parts, previous.num_parts)  # more parts: they share one
+        remainder = self._remainder(generation - 1, epoch, sharing[0], tally, counts=part == sharing[0])
+        return _every_nth_chunk(remainder, batch_size, len(sharing), sharing.index(part))
+
+    def _remainder(self, generation: int, epoch: int, part: int, tally: SkipTally, counts: bool) -> Iterator[dict]:
+        """What `part` of an earlier layout had not handed out of `epoch`; losses beyond its position are counted
+        once (`counts`: by the one new part that reads them first)."""
+        layout = self.history[generation]
+        consumed = layout.consumed(part, epoch)
+        if consumed is None:
+            return
+        gate = tally.gate()
+        gate.counting = counts and consumed == 0
+        for index, sample in enumerate(self._part_raw(generation, epoch, part, layout.num_parts, layout.batch_size,
+                                                      gate)):
+            gate.counting = counts and index + 1 >= consumed
+            if index >= consumed:
+                yield sample
+
+    def first_epoch(self) -> int:
+        """Where the parts of the current layout begin: the earliest epoch an earlier layout left open."""
+        return self.history[-1].first_open_epoch if self.history else 0
+
+    def _last_inherited_epoch(self, generation: int) -> int:
+        """The last epoch a layout before `generation` had begun (-1: none)."""
+        return max((g.last_begun_epoch for g in self.history[:generation]), default=-1)
 
     def _read_shards(self, shards: list[tuple[str, dict]], tally: SkipTally,
                      keep: Callable[[int], bool]) -> Iterator[dict]:
@@ -318,7 +421,7 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
     # ---- one sample
     def _prepare(self, decoded: DecodedSample, epoch: int) -> dict:
         """Everything per sample but the masks, which are rendered at collation straight at the padded size."""
-        sample = {"image_id": decoded.image_id}
+        sample = {"image_id": decoded.image_id, "epoch": epoch}
         if not self.training:
             sample["index_map"] = torch.from_numpy(decoded.index_map.astype(np.int64))
             sample["segments"] = decoded.table
@@ -341,6 +444,7 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
         batch = {
             "images": images,
             "image_ids": [s["image_id"] for s in samples],
+            "epochs": [s["epoch"] for s in samples],
             "image_sizes": [tuple(s["image"].shape[1:]) for s in samples],
             "position": position,
         }
@@ -358,13 +462,14 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
     # ---- iteration
     def __iter__(self) -> Iterator[dict]:
         part, num_parts, _ = self.layout()
-        start = self.resume_positions.get(part, StreamPosition())
+        start = self.resume_positions.get(part, StreamPosition(self.first_epoch(), 0))
         tally = SkipTally(dict(self.resume_skips.get(part, {})), self.on_error)
         cursor = _WorkerCursor(start.epoch, start.index, tally, reported=tally.total)
         while True:
-            used, resumed = 0, cursor.index > 0
+            used, resumed = 0, cursor.index > 0 or cursor.epoch <= self._last_inherited_epoch(len(self.history))
             tally.counting = cursor.index == 0  # a shard lost before the resume position was counted then
-            for index, raw in enumerate(self._epoch_raw(cursor.epoch, part, num_parts, tally)):
+            raw_samples = self._part_raw(len(self.history), cursor.epoch, part, num_parts, self.batch_size, tally)
+            for index, raw in enumerate(raw_samples):
                 tally.counting = index + 1 >= cursor.index
                 if index < cursor.index:
                     continue  # replaying up to the resume position: no decoding
@@ -419,15 +524,19 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
 
 class ResumableLoader:
     """A DataLoader over a PanopticShardStream that knows, per worker, how far the trainer has consumed and
-    what was skipped so far; `state_dict()` belongs in the trainer's checkpoint."""
+    what was skipped so far; `state_dict()` belongs in the trainer's checkpoint, `resume` reads the states of
+    every rank of a checkpoint, written by this layout or another (a resized worker group)."""
 
     def __init__(self, stream: PanopticShardStream, num_workers: int):
         self.stream, self.num_workers = stream, num_workers
         self.positions: dict[int, StreamPosition] = {}
         self.worker_skips: dict[int, dict[str, int]] = {}
+        self.carried_skips: dict[str, int] = {}
+        """What the parts of earlier layouts skipped (kept by rank 0 after a resize)."""
 
     def _layout(self) -> dict:
-        return {"world_size": self.stream.world_size, "num_workers": self.num_workers, "seed": self.stream.seed}
+        return {"world_size": self.stream.world_size, "num_workers": self.num_workers, "seed": self.stream.seed,
+                "batch_size": self.stream.batch_size}
 
     def __iter__(self) -> Iterator[dict]:
         self.stream.resume_positions = dict(self.positions)
@@ -450,29 +559,71 @@ class ResumableLoader:
 
     @property
     def skip_reasons(self) -> dict[str, int]:
-        """Samples left out so far over every worker of this rank, by reason."""
-        total: dict[str, int] = {}
-        for reasons in self.worker_skips.values():
-            for reason, count in reasons.items():
-                total[reason] = total.get(reason, 0) + count
-        return dict(sorted(total.items()))
+        """Samples left out so far over every worker of this rank (and, on rank 0, earlier layouts), by reason."""
+        return _summed([*self.worker_skips.values(), self.carried_skips])
 
     def state_dict(self) -> dict:
         positions = {str(w): [p.epoch, p.index] for w, p in self.positions.items()}
         return {"layout": self._layout(), "positions": positions,
-                "skip_reasons": {str(w): dict(r) for w, r in self.worker_skips.items()}}
+                "skip_reasons": {str(w): dict(r) for w, r in self.worker_skips.items()},
+                "history": [generation.to_json() for generation in self.stream.history],
+                "carried_skip_reasons": dict(self.carried_skips)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state["layout"] != self._layout():
+        """This rank's state from a checkpoint of the same layout."""
+        if not self._same_layout(state):
             raise ValueError(
                 f"the stream state was saved with layout {state['layout']} but this loader has "
-                f"{self._layout()}; resume with the same world size, loader workers and seed"
+                f"{self._layout()}; resume with the same world size, loader workers and seed, or through "
+                "ResumableLoader.resume with the states of every rank"
             )
         self.positions = {int(w): StreamPosition(*p) for w, p in state["positions"].items()}
         if "skip_reasons" in state:
             self.worker_skips = {int(w): dict(r) for w, r in state["skip_reasons"].items()}
         else:  # a checkpoint from before skips had reasons: one count per worker
             self.worker_skips = {int(w): {SKIP_UNDECODABLE: n} for w, n in state.get("skipped", {}).items() if n}
+        self.stream.history = [Generation.from_json(g) for g in state.get("history", [])]
+        self.carried_skips = dict(state.get("carried_skip_reasons", {}))
+
+    def _same_layout(self, state: dict) -> bool:
+        # batch_size joined the layout with resizing; older checkpoints lack it
+        return all(self._layout()[key] == value for key, value in state["layout"].items())
+
+    def resume(self, states: list[dict]) -> bool:
+        """Resume from the stream states of every rank of a checkpoint (rank order). Returns whether the layout
+        changed: then this layout's parts first read, split among them, what the old parts had not handed out
+        of the epochs they had begun (PanopticShardStream._part_raw)."""
+        layout = states[0]["layout"]
+        if len(states) == self.stream.world_size and self._same_layout(states[0]):
+            self.load_state_dict(states[self.stream.rank])
+            return False
+        if layout["seed"] != self.stream.seed:
+            raise ValueError(f"the stream state was saved with stream.seed {layout['seed']} but this job has "
+                             f"{self.stream.seed}: resuming with another seed would repeat and skip samples")
+        if len(states) != layout["world_size"]:
+            raise ValueError(f"the checkpoint holds the stream states of {len(states)} ranks but was written by "
+                             f"{layout['world_size']}: resuming on another world size needs every rank's")
+        history = [Generation.from_json(g) for g in states[0].get("history", [])]
+        start = StreamPosition(history[-1].first_open_epoch if history else 0, 0)
+        num_parts = layout["world_size"] * max(layout["num_workers"], 1)
+        positions = dict.fromkeys(range(num_parts), start)
+        for state in states:
+            positions.update({int(w): StreamPosition(*p) for w, p in state["positions"].items()})
+        self.stream.history = [*history, Generation(num_parts, layout.get("batch_size", self.stream.batch_size),
+                                                    positions)]
+        self.positions, self.worker_skips = {}, {}
+        earlier = [dict(state.get("carried_skip_reasons", {})) for state in states]
+        earlier += [reasons for state in states for reasons in state.get("skip_reasons", {}).values()]
+        self.carried_skips = _summed(earlier) if self.stream.rank == 0 else {}
+        return True
+
+
+def _summed(tallies: list[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for reasons in tallies:
+        for reason, count in reasons.items():
+            total[reason] = total.get(reason, 0) + count
+    return dict(sorted(total.items()))
 
 
 # ---------------------------------------------------------------------------------------------- builders
