@@ -259,3 +259,37 @@ def test_evaluate_jobs_need_an_existing_model_file(tmp_path, monkeypatch):
     expect_error(tmp_path, document, "evaluation.checkpoint", "file not found", "runs/demo_cpu/model/model.pt")
     del document["evaluation"]["checkpoint"]
     expect_error(tmp_path, document, "an evaluate job needs evaluation.checkpoint")
+
+
+# ------------------------------------------------------------------------------------------ elastic scaling
+@pytest.mark.parametrize("workers, fragment", [([0, 2], "1 <= min <= max"), ([3, 2], "1 <= min <= max"),
+                                               ([1, 2, 3], "num_workers")])
+def test_a_bad_worker_range_is_named(tmp_path, workers, fragment):
+    document = demo_document()
+    document["scaling"]["num_workers"] = workers
+    expect_error(tmp_path, document, "scaling.num_workers", fragment)
+
+
+def test_an_elastic_range_keeps_the_recipes_global_batch_where_it_divides(tmp_path):
+    document = demo_document()
+    document["scaling"]["num_workers"] = [1, 4]
+    document["stream"]["batch_size"], document["training"]["global_batch_size"] = 2, 8
+    job = load_job(write_job(tmp_path, document))
+    layouts = {workers: job.batch_layout(workers) for workers in (1, 2, 3, 4)}
+    assert [(layout.micro_batch, layout.accumulation) for layout in layouts.values()] == [(2, 4), (2, 2), (1, 3), (2, 1)]
+    assert [layout.global_batch for layout in layouts.values()] == [8, 8, 9, 8]
+    assert not layouts[3].exact and "not the recipe's 8" in layouts[3].describe()
+    sized = job.at_world_size(2)
+    assert (sized.stream.batch_size, sized.training.gradient_accumulation_steps, sized.scaling.num_workers) == (2, 2, 2)
+    document["training"]["global_batch_size"] = 4  # checked at the most workers: 4 x 2 images
+    expect_error(tmp_path, document, "training.global_batch_size (4) must equal scaling.num_workers (4 at most)")
+
+
+def test_the_elastic_range_reaches_ray_train(tmp_path):
+    from pipeline.launch import scaling_config
+
+    document = demo_document()
+    document["scaling"]["num_workers"] = [1, 2]
+    assert scaling_config(load_job(write_job(tmp_path, document))).num_workers == (1, 2)
+    document["scaling"]["num_workers"] = [2, 2]
+    assert scaling_config(load_job(write_job(tmp_path, document))).num_workers == 2

@@ -225,7 +225,9 @@ def test_raycluster_and_rayjob_run_the_main_job_on_shared_storage():
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert job.scaling.use_gpu and int(limits["nvidia.com/gpu"]) == 1
     assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    assert group["maxReplicas"] >= job.scaling.num_workers == 8, "the cluster cannot hold the job's workers"
+    assert job.scaling.num_workers == (4, 8), "the main job is elastic"
+    assert group["maxReplicas"] >= job.scaling.max_workers, "the cluster cannot hold the job's workers"
+    assert group["minReplicas"] <= job.scaling.num_workers[0], "the autoscaler keeps nodes the job can do without"
     assert float(limits["cpu"]) >= job.scaling.cpus_per_worker
 
 
@@ -233,7 +235,7 @@ def test_cluster_launcher_fits_the_main_job():
     config = yaml.safe_load((INFRA / "cluster-launcher" / "aws-gpu.yaml").read_text())
     job = _job("jobs/train_dinat_l.yaml")
     workers = [t for t in config["available_node_types"].values() if t["resources"].get("GPU")]
-    assert sum(t["max_workers"] for t in workers) >= job.scaling.num_workers
+    assert sum(t["max_workers"] for t in workers) >= job.scaling.max_workers
     assert all(t["resources"]["CPU"] >= job.scaling.cpus_per_worker for t in workers)
     run_options = " ".join(config["docker"]["run_options"])
     assert f"--env {WORKDIR_ENV}=/mnt/shared" in run_options and "--volume /mnt/shared:/mnt/shared" in run_options
