@@ -203,13 +203,17 @@ class TrainingSettings(_Section):
     log_every: int = Field(20, ge=1, description="Steps between metric logs.")
     eval_every: int | None = Field(None, ge=1, description="Steps between validations; default: only at the end.")
     checkpoint_every: int = Field(1000, ge=1, description="Steps between checkpoints.")
+    record_sample_ids: bool = Field(
+        False, description="Each checkpoint also holds, per rank, the ids and epochs of the images of every step "
+                           "since the previous one (samples_rank<r>.jsonl): which images a step trained on, "
+                           "across restarts and resizes.")
     keep_checkpoints: int = Field(2, ge=1, description="Latest checkpoints kept in this job's storage (older ones are "
                                   "deleted and marked so in MLflow); the best model by validation PQ is exported to "
                                   "<storage_path>/<name>/best/ whatever this is.")
     resume_from: str | None = Field(
         None, description="Start from a tracked checkpoint: runs:/<run id> (that MLflow run's latest kept checkpoint), "
                           "runs:/<run id>@step=<N>, or a checkpoint folder (path or URL). Ignored once this job has "
-                          "checkpoints of its own. The world size must be the checkpoint's.")
+                          "checkpoints of its own. Any world size: the checkpoint and the data stream are resharded.")
     resume_mode: Literal["auto", "continue", "fork"] = Field(
         "auto", description="continue: the same MLflow run goes on; fork: a child run of it. auto: continue from the "
                             "run's latest checkpoint with the same recipe, fork otherwise (the log says why).")

@@ -44,6 +44,7 @@ NOT_RECIPE = ("name", "synthetic_dataset", "data.root", "data.paths", "preproces
               "scaling.max_failures", "scaling.runtime_env", "evaluation.checkpoint", "evaluation.shards",
               "evaluation.output", "evaluation.num_workers", "training.max_steps", "training.resume_from",
               "training.resume_mode", "training.keep_checkpoints", "training.log_every", "training.checkpoint_every",
+              "training.record_sample_ids",
               "model.weights", "model.backbone_weights")
 
 

@@ -60,6 +60,7 @@ from pipeline.tracking import RunTracker
 
 log = logging.getLogger("pipeline.train")
 CHECKPOINT_TAG = "state"
+SAMPLE_IDS_FILE = "samples_rank{rank}.jsonl"
 
 
 @dataclasses.dataclass
@@ -148,6 +149,7 @@ class Trainer:
                                          self.rank, self.world_size)
         self.evaluation_model: OneFormer | None = None  # built at the first validation, then only refreshed
         self.step = self.images_seen = 0
+        self.sample_ids: list[dict] | None = [] if job.training.record_sample_ids else None  # since the last checkpoint
         self.best: dict | None = None  # step and validation metrics of the best PQ so far (rank 0)
         self.run_id: str | None = None
         if saved:
@@ -236,16 +238,21 @@ class Trainer:
         batches = iter(self.loader)
         metrics: dict[str, float] = {}
         while self.step < self.job.training.max_steps:
+            step_terms: dict[str, torch.Tensor] = {}
             for micro_step in range(accumulation):
                 waited = time.perf_counter()
                 batch = next(batches)
                 window.data_wait += time.perf_counter() - waited
+                if self.sample_ids is not None:
+                    self.sample_ids.append({"step": self.step + 1, "micro_step": micro_step,
+                                            "image_ids": batch["image_ids"], "epochs": batch["epochs"]})
                 self._seed_micro_step(micro_step)
-                step_terms = self.train_step(batch)
+                for name, value in self.train_step(batch).items():
+                    step_terms[name] = step_terms[name] + value if name in step_terms else value
                 window.images += len(batch["tasks"])
             self.step += 1
             self.images_seen += self.batch_layout.global_batch
-            metrics = {name: value.item() for name, value in step_terms.items()} if self._is_reporting_step() else {}
+            metrics = self._global_batch_means(step_terms, accumulation) if self._is_reporting_step() else {}
             if self.step % self.job.training.log_every == 0 or self.step == 1:
                 self._log(metrics, window)
                 window = _ThroughputWindow()
@@ -261,6 +268,16 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log_metrics(validation, self.step)
             self.tracker.finish()
+
+    def _global_batch_means(self, step_terms: dict[str, torch.Tensor], accumulation: int) -> dict[str, float]:
+        """The step's loss terms averaged over its micro-batches and ranks: the global batch's, whatever the
+        number of workers (every rank reports on the same steps, so the reduction is collective)."""
+        names = sorted(step_terms)
+        values = torch.stack([step_terms[name].float() for name in names]) / accumulation
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_reduce(values)
+            values /= self.world_size
+        return dict(zip(names, values.tolist(), strict=True))
 
     def _seed_micro_step(self, micro_step: int) -> None:
         """Seed torch's generators from (seed, rank, step, micro-step): point sampling, dropout and drop-path then
@@ -433,6 +450,10 @@ class Trainer:
     def save_checkpoint(self, folder: str) -> None:
         self.engine.save_checkpoint(folder, tag=CHECKPOINT_TAG, client_state=checkpoint_client_state())
         torch.save(self.state_dict(), Path(folder) / TRAINER_STATE_FILE.format(rank=self.rank))
+        if self.sample_ids is not None:
+            lines = "".join(json.dumps(record) + "\n" for record in self.sample_ids)
+            Path(folder, SAMPLE_IDS_FILE.format(rank=self.rank)).write_text(lines)
+            self.sample_ids.clear()
 
     def load_checkpoint(self, folder: str, states: list[dict], universal: bool) -> None:
         """`states`: _trainer_states(folder); `universal`: the optimizer state is partitioned for another world

@@ -12,6 +12,14 @@ Resuming: each batch carries the position (epoch, raw-sample index) of its worke
 checkpoint, and after load_state_dict each worker replays its stream up to that position without decoding,
 so no sample is repeated or skipped.
 
+Resizing: a checkpoint of another layout (world size, loader workers, per-worker batch) resumes by global
+sample position. The old layout and every part's position become a `Generation` of the stream's history; for
+each epoch the old layout had begun, the new parts read what the old parts had not handed out (replayed up to
+their positions, not decoded): with fewer parts, each takes whole old parts, dealt round robin in the old
+batches; with more, the new parts sharing an old part take its remainder in turns of a batch. Without loader
+workers a step's global batch is then the one the old layout would have made. Later epochs are the new layout's
+own. A second resize stacks another generation, so the accounting stays exact through any chain of resizes.
+
 Nothing is left out uncounted: a shard whose size or checksum differs from the manifest is skipped whole, a
 tar that breaks off (damaged header, truncated file) costs the samples the manifest says it holds beyond those
 read, and a sample that does not decode completely or whose segment map points outside its segment table is

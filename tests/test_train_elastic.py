@@ -1,0 +1,104 @@
+"""Resizing a run: a checkpoint written by 2 Ray Train workers resumes on 1, and that run's checkpoint on 2
+again, under DeepSpeed ZeRO-2 and ZeRO-3 (the optimizer state goes through DeepSpeed's universal checkpoint).
+Each chain ends at the step of an uninterrupted 2-worker run with its losses within the distributed-equality
+tolerance (the stream deals what the old layout left in its batches, so the global batches are the same), and
+the sample ids recorded in the checkpoints show every image of the epoch trained on exactly once."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipeline.job import main
+
+pytestmark = pytest.mark.slow  # six Ray Train runs
+
+DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
+NUM_TRAIN = 16  # one shard, so the two parts of 2 workers hold 8 images each: epoch 0 is steps 1-4
+TOLERANCE = 5e-3  # tests/test_train_distributed.py: 2 workers against 1 on the same global batches
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("elastic")
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("ONEFORMER_WORKDIR", str(folder))
+    yield folder
+    monkeypatch.undo()
+
+
+def run(workdir: Path, name: str, zero_stage: int, workers: int, max_steps: int, resume_from: str | None = None):
+    document = yaml.safe_load(DEMO.read_text())
+    document["name"] = name
+    document["synthetic_dataset"].update(num_images=NUM_TRAIN + 2, val_fraction=2 / (NUM_TRAIN + 2), min_size=64,
+                                         max_size=80)
+    document["preprocess"]["target_shard_mb"] = 100.0
+    document["stream"].update(crop_size=64, resize_base=64, loader_workers=0, batch_size=4 // workers)
+    document["training"].update(max_steps=max_steps, checkpoint_every=2, keep_checkpoints=3, log_every=1,
+                                record_sample_ids=True)
+    if resume_from is not None:  # a child run of its own, whose losses are this job's alone
+        document["training"].update(resume_from=resume_from, resume_mode="fork")
+    document["deepspeed"]["zero_stage"] = zero_stage
+    document["scaling"]["num_workers"] = workers
+    document["evaluation"]["max_images"] = 1
+    job_file = workdir / f"{name}.yaml"
+    job_file.write_text(yaml.safe_dump(document))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([str(job_file)]) == 0
+    return workdir / "runs" / name
+
+
+def losses(workdir: Path, name: str) -> dict[int, float]:
+    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    (found,) = client.search_runs([client.get_experiment_by_name("demo_cpu").experiment_id],
+                                  f"tags.mlflow.runName LIKE '{name}%'")
+    return {m.step: m.value for m in client.get_metric_history(found.info.run_id, "loss")}, found
+
+
+def sample_records(job_folder: Path) -> list[dict]:
+    return [json.loads(line) for file in sorted(job_folder.glob("checkpoint_*/samples_rank*.jsonl"))
+            for line in file.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def chain(request, workdir):
+    """The uninterrupted 2-worker run to step 6, and the chain 2 workers (its step 2) -> 1 worker to step 4 ->
+    2 workers to step 6."""
+    stage = request.param
+    reference = run(workdir, f"reference{stage}", stage, workers=2, max_steps=6)
+    shrunk = run(workdir, f"shrunk{stage}", stage, workers=1, max_steps=4,
+                 resume_from=str(reference / "checkpoint_step_0000002"))
+    grown = run(workdir, f"grown{stage}", stage, workers=2, max_steps=6,
+                resume_from=str(shrunk / "checkpoint_step_0000004"))
+    return stage, reference, shrunk, grown
+
+
+def test_a_resized_chain_ends_at_the_reference_step_with_its_losses(chain, workdir):
+    stage, *_ = chain
+    reference, _ = losses(workdir, f"reference{stage}")
+    shrunk, shrunk_run = losses(workdir, f"shrunk{stage}")
+    grown, grown_run = losses(workdir, f"grown{stage}")
+    assert sorted(shrunk) == [3, 4] and sorted(grown) == [5, 6]
+    resized = {**shrunk, **grown}
+    assert [resized[step] for step in range(3, 7)] == pytest.approx([reference[step] for step in range(3, 7)],
+                                                                     rel=TOLERANCE)
+    assert "2 -> 1 workers" in shrunk_run.data.tags["resize.step_0000002"]
+    assert "1 -> 2 workers" in grown_run.data.tags["resize.step_0000004"]
+    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    assert [m.value for m in client.get_metric_history(shrunk_run.info.run_id, "world_size")] == [1]
+
+
+def test_every_image_of_the_epoch_is_trained_on_exactly_once(chain):
+    _, reference, shrunk, grown = chain
+    records = [r for r in sample_records(reference) if r["step"] <= 2] + sample_records(shrunk) + sample_records(grown)
+    assert sorted({r["step"] for r in records}) == [1, 2, 3, 4, 5, 6]
+    seen = [(epoch, image) for r in records for epoch, image in zip(r["epochs"], r["image_ids"])]
+    assert len(seen) == 6 * 4 and len(set(seen)) == len(seen)  # nothing twice within an epoch
+    epoch_zero = sorted(image for epoch, image in seen if epoch == 0)
+    assert len(epoch_zero) == NUM_TRAIN and len(set(epoch_zero)) == NUM_TRAIN
+    uninterrupted = sorted((e, i) for r in sample_records(reference) for e, i in zip(r["epochs"], r["image_ids"]))
+    assert sorted(seen) == uninterrupted  # and the same images as the run that was never resized
