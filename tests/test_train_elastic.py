@@ -19,7 +19,12 @@ pytestmark = pytest.mark.slow  # six Ray Train runs
 
 DEMO = Path(__file__).resolve().parent.parent / "jobs" / "demo_cpu.yaml"
 NUM_TRAIN = 16  # one shard, so the two parts of 2 workers hold 8 images each: epoch 0 is steps 1-4
-TOLERANCE = 5e-3  # tests/test_train_distributed.py: 2 workers against 1 on the same global batches
+# tests/test_train_distributed.py's tolerances: a step on other workers than the reference's, from the same
+# weights, within TOLERANCE; the path within PATH_TOLERANCE, since each rank draws the dropout masks and loss
+# points of its own images, so 1 worker draws others than 2 and the difference compounds through the steps
+# (measured: 1e-4 at the first step after the 2 -> 1 resize, 1.2% at the second, against 3-9% between steps).
+TOLERANCE = 5e-3
+PATH_TOLERANCE = 2e-2
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +89,9 @@ def test_a_resized_chain_ends_at_the_reference_step_with_its_losses(chain, workd
     grown, grown_run = losses(workdir, f"grown{stage}")
     assert sorted(shrunk) == [3, 4] and sorted(grown) == [5, 6]
     resized = {**shrunk, **grown}
+    assert resized[3] == pytest.approx(reference[3], rel=TOLERANCE)  # the first step on 1 worker: same weights
     assert [resized[step] for step in range(3, 7)] == pytest.approx([reference[step] for step in range(3, 7)],
-                                                                     rel=TOLERANCE)
+                                                                     rel=PATH_TOLERANCE)
     assert "2 -> 1 workers" in shrunk_run.data.tags["resize.step_0000002"]
     assert "1 -> 2 workers" in grown_run.data.tags["resize.step_0000004"]
     client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
