@@ -77,6 +77,7 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None, start_f
     if finished is not None:  # nothing to train: say so rather than starting a worker group
         _print_results(job, finished, already_complete=True)
         return finished
+    _print_batch_layouts(job)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"job": job.model_dump(mode="json"), "tracking_uri": resolve_tracking_uri(job),
@@ -99,6 +100,16 @@ def scaling_config(job: JobConfig) -> ScalingConfig:
     workers = job.scaling.num_workers
     return ScalingConfig(num_workers=tuple(workers) if job.scaling.is_elastic else job.scaling.max_workers,
                          use_gpu=job.scaling.use_gpu, resources_per_worker={"CPU": job.scaling.cpus_per_worker})
+
+
+def _print_batch_layouts(job: JobConfig) -> None:
+    """An elastic job says at start on which sizes the recipe's global batch cannot be kept."""
+    if not job.scaling.is_elastic:
+        return
+    low, high = job.scaling.num_workers
+    inexact = [layout for layout in map(job.batch_layout, range(low, high + 1)) if not layout.exact]
+    print(f"{job.name}: elastic on {low} to {high} workers; global batch {job.training.global_batch_size}"
+          + "".join(f"\n  on {layout.describe()}" for layout in inexact))
 
 
 def resolve_start(job: JobConfig) -> dict | None:

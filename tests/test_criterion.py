@@ -270,6 +270,7 @@ def _contrastive_worker(rank, world_size, port, images, texts, log_scale, out_di
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort, seen under load)
     finally:
         dist.destroy_process_group()
 

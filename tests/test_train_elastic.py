@@ -7,10 +7,13 @@ the sample ids recorded in the checkpoints show every image of the epoch trained
 import contextlib
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
+import ray
 import yaml
 
 from pipeline.job import main
@@ -36,24 +39,34 @@ def workdir(tmp_path_factory):
     monkeypatch.undo()
 
 
-def run(workdir: Path, name: str, zero_stage: int, workers: int, max_steps: int, resume_from: str | None = None):
+def job_document(name: str, zero_stage: int, workers, max_steps: int) -> dict:
     document = yaml.safe_load(DEMO.read_text())
     document["name"] = name
     document["synthetic_dataset"].update(num_images=NUM_TRAIN + 2, val_fraction=2 / (NUM_TRAIN + 2), min_size=64,
                                          max_size=80)
     document["preprocess"]["target_shard_mb"] = 100.0
-    document["stream"].update(crop_size=64, resize_base=64, loader_workers=0, batch_size=4 // workers)
+    per_worker = 4 // (workers if isinstance(workers, int) else workers[1])
+    document["stream"].update(crop_size=64, resize_base=64, loader_workers=0, batch_size=per_worker)
     document["training"].update(max_steps=max_steps, checkpoint_every=2, keep_checkpoints=3, log_every=1,
                                 record_sample_ids=True)
-    if resume_from is not None:  # a child run of its own, whose losses are this job's alone
-        document["training"].update(resume_from=resume_from, resume_mode="fork")
     document["deepspeed"]["zero_stage"] = zero_stage
     document["scaling"]["num_workers"] = workers
     document["evaluation"]["max_images"] = 1
-    job_file = workdir / f"{name}.yaml"
+    return document
+
+
+def run_job_file(workdir: Path, document: dict) -> int:
+    job_file = workdir / f"{document['name']}.yaml"
     job_file.write_text(yaml.safe_dump(document))
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main([str(job_file)]) == 0
+        return main([str(job_file)])
+
+
+def run(workdir: Path, name: str, zero_stage: int, workers: int, max_steps: int, resume_from: str | None = None):
+    document = job_document(name, zero_stage, workers, max_steps)
+    if resume_from is not None:  # a child run of its own, whose losses are this job's alone
+        document["training"].update(resume_from=resume_from, resume_mode="fork")
+    assert run_job_file(workdir, document) == 0
     return workdir / "runs" / name
 
 
@@ -108,3 +121,49 @@ def test_every_image_of_the_epoch_is_trained_on_exactly_once(chain):
     assert len(epoch_zero) == NUM_TRAIN and len(set(epoch_zero)) == NUM_TRAIN
     uninterrupted = sorted((e, i) for r in sample_records(reference) for e, i in zip(r["epochs"], r["image_ids"]))
     assert sorted(seen) == uninterrupted  # and the same images as the run that was never resized
+
+
+# ------------------------------------------------------------------------------------------ a node lost
+@pytest.fixture
+def two_nodes():
+    """A real two-node Ray cluster on this machine (Ray's own multi-node test harness: two raylets), one CPU
+    each, so a 2-worker group has a worker on each node."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    second = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster, second
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_an_elastic_run_that_loses_a_node_goes_on_with_fewer_workers(two_nodes, workdir):
+    """scaling.num_workers [1, 2]: the run starts on both nodes; one node goes after the step-2 checkpoint;
+    Ray Train restarts the group on the one left, which resumes the 2-worker checkpoint and finishes."""
+    cluster, second = two_nodes
+    name = "elastic"
+    document = job_document(name, zero_stage=2, workers=[1, 2], max_steps=10)
+    document["scaling"].update(ray_address=cluster.address, cpus_per_worker=1, max_failures=2)
+    finished: dict = {}
+    driver = threading.Thread(target=lambda: finished.update(rc=run_job_file(workdir, document)))
+    driver.start()
+    first_checkpoint = workdir / "runs" / name / "checkpoint_step_0000002"
+    deadline = time.monotonic() + 300
+    while not (first_checkpoint / "trainer_rank1.pt").exists() and driver.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (first_checkpoint / "trainer_rank1.pt").exists(), "the run never wrote its 2-worker checkpoint"
+    cluster.remove_node(second, allow_graceful=False)
+    driver.join(timeout=600)
+    assert finished.get("rc") == 0
+    _, run = losses(workdir, name)
+    client = mlflow.MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    world_sizes = [m.value for m in client.get_metric_history(run.info.run_id, "world_size")]
+    assert world_sizes[0] == 2 and world_sizes[-1] == 1
+    resizes = {key: value for key, value in run.data.tags.items() if key.startswith("resize.")}
+    assert resizes and all("2 -> 1 workers" in value for value in resizes.values())
+    records = sample_records(workdir / "runs" / name)
+    assert sorted(r["step"] for r in records if r["micro_step"] == 0) == sorted(
+        {r["step"] for r in records})  # every step recorded by the checkpoints that cover it
+    seen = [(epoch, image) for r in records for epoch, image in zip(r["epochs"], r["image_ids"])]
+    assert len(set(seen)) == len(seen)
