@@ -83,8 +83,16 @@ def sample_records(job_folder: Path) -> list[dict]:
             for line in file.read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray instance for the chains' six runs (each would otherwise start and stop its own)."""
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
-def chain(request, workdir):
+def chain(request, workdir, local_ray):
     """The uninterrupted 2-worker run to step 6, and the chain 2 workers (its step 2) -> 1 worker to step 4 ->
     2 workers to step 6."""
     stage = request.param
@@ -133,7 +141,7 @@ def two_nodes(monkeypatch):
     may still count the lost node's CPU): the cluster's processes inherit this environment."""
     from ray.cluster_utils import Cluster
 
-    ray.shutdown()  # the chain's runs leave none, but a driver must not join another cluster
+    ray.shutdown()  # the chains' local instance: this driver joins the two-node cluster instead
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "include_dashboard": False,
