@@ -4,7 +4,8 @@ pipeline/launch.py's Ray Train worker function builds that context.
 
 Every checkpoint holds the worker's DeepSpeed state plus its `Trainer.state_dict()` (data-stream position, RNG
 states, step, MLflow run, best validation), so a restarted worker group or a resubmitted job continues without
-repeating or skipping samples. Rank 0 logs to MLflow.
+repeating or skipping samples, on the same number of workers or another (docs/elastic.md). Rank 0 logs to
+MLflow.
 """
 
 from __future__ import annotations

@@ -272,8 +272,8 @@ class PanopticShardStream(torch.utils.data.IterableDataset):
     """Batches of training (or evaluation) samples from a split's shards; see the module docstring.
 
     Training batches: images float32 [B, 3, H, W] (0-255, padded), tasks list[str], targets list of
-    {"labels" int64 [T], "masks" bool [T, H, W]}, text_tokens int64 [B, num_text_slots, 77], image_ids, epochs (of each sample),
-    image_sizes (valid h, w after augmentation) and position (worker, epoch, index, skipped, skip_reasons).
+    {"labels" int64 [T], "masks" bool [T, H, W]}, text_tokens int64 [B, num_text_slots, 77], image_ids, epochs
+    (each sample's), image_sizes (valid h, w after augmentation) and position (worker, epoch, index, skipped, skip_reasons).
     Evaluation batches (`training=False`): no augmentation, original sizes, no task targets; instead
     index_maps (int64 [h, w], 0 = void) and segment tables for scoring. A pass that ends with skips no batch
     has reported yet yields a last `{"position": ..., "status_only": True}` (ResumableLoader keeps it to itself).
