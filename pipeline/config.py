@@ -278,6 +278,9 @@ class ScalingSettings(_Section):
                        "run starts with what it can get, at least min, and resizes on failures and when nodes come "
                        "back; the global batch is kept (JobConfig.batch_layout) and the checkpoint and the data "
                        "stream resume on any size.")
+    resize_check_s: float = Field(
+        60.0, gt=0, description="Elastic num_workers: how often a healthy run checks whether more workers can be "
+                                "placed (a resize restarts the group from the latest checkpoint).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (data loading runs there too).")
     ray_address: str | None = Field(None, description="None: local Ray or the cluster a submitted job runs in.")

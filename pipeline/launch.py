@@ -99,7 +99,8 @@ def scaling_config(job: JobConfig) -> ScalingConfig:
     with the workers it can place and restarts the group at another size from the latest checkpoint."""
     workers = job.scaling.num_workers
     return ScalingConfig(num_workers=tuple(workers) if job.scaling.is_elastic else job.scaling.max_workers,
-                         use_gpu=job.scaling.use_gpu, resources_per_worker={"CPU": job.scaling.cpus_per_worker})
+                         use_gpu=job.scaling.use_gpu, resources_per_worker={"CPU": job.scaling.cpus_per_worker},
+                         elastic_resize_monitor_interval_s=job.scaling.resize_check_s)
 
 
 def _print_batch_layouts(job: JobConfig) -> None:

@@ -40,12 +40,11 @@ _RUN_REFERENCE = re.compile(r"^runs:/([0-9a-f]{32})(?:@step=(\d+))?$")
 # it lasts. Any other difference is a changed recipe, which forks.
 NOT_RECIPE = ("name", "synthetic_dataset", "data.root", "data.paths", "preprocess", "stream.shards", "tracking",
               "scaling.num_workers", "stream.batch_size", "stream.loader_workers", "training.gradient_accumulation_steps",
-              "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.ray_address", "scaling.storage_path",
-              "scaling.max_failures", "scaling.runtime_env", "evaluation.checkpoint", "evaluation.shards",
-              "evaluation.output", "evaluation.num_workers", "training.max_steps", "training.resume_from",
-              "training.resume_mode", "training.keep_checkpoints", "training.log_every", "training.checkpoint_every",
-              "training.record_sample_ids",
-              "model.weights", "model.backbone_weights")
+              "scaling.resize_check_s", "scaling.use_gpu", "scaling.cpus_per_worker", "scaling.ray_address",
+              "scaling.storage_path", "scaling.max_failures", "scaling.runtime_env", "evaluation.checkpoint",
+              "evaluation.shards", "evaluation.output", "evaluation.num_workers", "training.max_steps",
+              "training.resume_from", "training.resume_mode", "training.keep_checkpoints", "training.log_every",
+              "training.checkpoint_every", "training.record_sample_ids", "model.weights", "model.backbone_weights")
 
 
 class ResumeError(ValueError):

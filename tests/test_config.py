@@ -289,7 +289,8 @@ def test_the_elastic_range_reaches_ray_train(tmp_path):
     from pipeline.launch import scaling_config
 
     document = demo_document()
-    document["scaling"]["num_workers"] = [1, 2]
-    assert scaling_config(load_job(write_job(tmp_path, document))).num_workers == (1, 2)
+    document["scaling"].update(num_workers=[1, 2], resize_check_s=5)
+    elastic = scaling_config(load_job(write_job(tmp_path, document)))
+    assert elastic.num_workers == (1, 2) and elastic.elastic_resize_monitor_interval_s == 5
     document["scaling"]["num_workers"] = [2, 2]
     assert scaling_config(load_job(write_job(tmp_path, document))).num_workers == 2
