@@ -97,10 +97,10 @@ def run_training(job: JobConfig, run_tags: dict[str, str] | None = None, start_f
 def scaling_config(job: JobConfig) -> ScalingConfig:
     """Ray Train's scaling: a fixed worker count, or (min, max) for Ray Train's elastic training, which starts
     with the workers it can place and restarts the group at another size from the latest checkpoint."""
-    workers = job.scaling.num_workers
-    return ScalingConfig(num_workers=tuple(workers) if job.scaling.is_elastic else job.scaling.max_workers,
-                         use_gpu=job.scaling.use_gpu, resources_per_worker={"CPU": job.scaling.cpus_per_worker},
-                         elastic_resize_monitor_interval_s=job.scaling.resize_check_s)
+    scaling = job.scaling
+    return ScalingConfig(num_workers=scaling.num_workers if scaling.is_elastic else scaling.max_workers,
+                         use_gpu=scaling.use_gpu, resources_per_worker={"CPU": scaling.cpus_per_worker},
+                         elastic_resize_monitor_interval_s=scaling.resize_check_s)
 
 
 def _print_batch_layouts(job: JobConfig) -> None:

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,13 +91,12 @@ def file_checksum(fs, path: str) -> dict:
 
 def verify_shard_bytes(data: bytes, path: str, entry: dict) -> None:
     """verify_shard for a shard already read into memory (object storage: one read, checked, then streamed)."""
-    if len(data) != entry["bytes"]:
-        raise ShardError(f"shard {printable(path)} has {len(data)} bytes but the manifest says {entry['bytes']}")
-    if CHECKSUM_KEY in entry:
-        digest = new_checksum()
-        digest.update(data)
-        if digest.hexdigest() != entry[CHECKSUM_KEY]:
-            raise ShardError(f"shard {printable(path)} does not match its manifest checksum (damaged since written)")
+    def digest() -> str:
+        checksum = new_checksum()
+        checksum.update(data)
+        return checksum.hexdigest()
+
+    _check_against_manifest(path, entry, len(data), digest)
 
 
 def verify_shard(fs, path: str, entry: dict) -> None:
@@ -106,9 +106,14 @@ def verify_shard(fs, path: str, entry: dict) -> None:
         size = fs.size(path)
     except (FileNotFoundError, OSError) as error:
         raise ShardError(f"shard {printable(path)} cannot be opened: {error}") from error
+    _check_against_manifest(path, entry, size, lambda: file_checksum(fs, path)[CHECKSUM_KEY])
+
+
+def _check_against_manifest(path: str, entry: dict, size: int, digest: Callable[[], str]) -> None:
+    """The size, then (when the manifest has one) the checksum, computed only when the size matches."""
     if size != entry["bytes"]:
         raise ShardError(f"shard {printable(path)} has {size} bytes but the manifest says {entry['bytes']}")
-    if CHECKSUM_KEY in entry and file_checksum(fs, path)[CHECKSUM_KEY] != entry[CHECKSUM_KEY]:
+    if CHECKSUM_KEY in entry and digest() != entry[CHECKSUM_KEY]:
         raise ShardError(f"shard {printable(path)} does not match its manifest checksum (damaged since written)")
 
 
